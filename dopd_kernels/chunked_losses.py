@@ -1,0 +1,185 @@
+"""Loss/gradient pass of the PyTorch path: per-route losses and their gradients, chunk by chunk.
+
+Two kinds of rows, after routing:
+- "student-full" rows (full or sampled support, or every row when a CE term is on): the student's
+  C x V logits are recomputed per chunk (and the source's, for full support); the gradient with respect
+  to the logits comes from the closed forms of ``divergences.divergence_and_grad`` and is folded into
+  d hidden (C x V @ V x H) and d weight (V x C @ C x H) immediately.
+- top-K rows: only the K output-projection rows picked by the source's top-K are gathered
+  (C x K x H), so these tokens cost O(K H) instead of O(V H).
+Gradients are accumulated into caller-provided buffers scaled by the per-token reduction weights,
+so the backward of the autograd Function is a multiplication by grad_output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .config import RouteConfig
+from .divergences import divergence_and_grad
+from .chunked_stats import LinearStats, scaled_logits
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class Projection:
+    """One model's output projection in the compute dtype: weight (V, H), bias (V,) or None."""
+
+    weight: Tensor
+    bias: Optional[Tensor]
+
+
+@dataclass
+class GradBuffers:
+    """Accumulators (compute dtype): hidden (n, Hs) or None, weight (V, Hs) or None, bias (V,) or None."""
+
+    hidden: Optional[Tensor]
+    weight: Optional[Tensor]
+    bias: Optional[Tensor]
+
+    @property
+    def any(self) -> bool:
+        """Whether any gradient is requested."""
+        return self.hidden is not None or self.weight is not None or self.bias is not None
+
+
+def _groups(route_rows: Tensor, route_ids: list[int]) -> list[tuple[int, Tensor]]:
+    """(route id, positions within the chunk) for each route present; rows are pre-sorted by route."""
+    out = []
+    for rid in route_ids:
+        pos = (route_rows == rid).nonzero().squeeze(1)
+        if pos.numel():
+            out.append((rid, pos))
+    return out
+
+
+def _take(x: Tensor, pos: Tensor) -> Tensor:
+    """x[pos] without a copy when ``pos`` is every row."""
+    return x if pos.numel() == x.shape[0] else x.index_select(0, pos)
+
+
+def student_full_rows(
+    rows: Tensor,
+    *,
+    route: Tensor,
+    targets: Tensor,
+    hard_labels: Optional[Tensor],
+    student_hidden: Tensor,
+    student: Projection,
+    sources: dict[str, tuple[Tensor, Projection]],
+    source_logprob: dict[str, Tensor],
+    red_w: Tensor,
+    config: RouteConfig,
+    per_token: Tensor,
+    student_logprob: Tensor,
+    grads: GradBuffers,
+) -> None:
+    """Losses (into ``per_token``), student log-probs and gradients for rows needing the full softmax.
+
+    rows: (R,) indices into the compressed token arrays, sorted by route. sources[name] =
+    (hidden (n, H_src), projection). source_logprob[name]: (n,) log-prob of the target under it.
+    """
+    inv_tau = 1.0 / config.temperature
+    rids = [rid for rid, spec in enumerate(config.routes) if spec.support in ("full", "sampled")]
+    for chunk in rows.split(config.chunk_size):
+        h = student_hidden.index_select(0, chunk).to(student.weight.dtype)
+        logp = scaled_logits(h, student.weight, student.bias, inv_tau).log_softmax(-1)
+        y = targets.index_select(0, chunk)[:, None]
+        student_logprob.index_copy_(0, chunk, logp.gather(1, y).squeeze(1))
+        loss = torch.zeros(chunk.numel(), dtype=logp.dtype, device=logp.device)
+        dz = torch.zeros_like(logp) if grads.any else None
+        for rid, pos in _groups(route.index_select(0, chunk), rids):
+            spec, weight = config.routes[rid], config.route_weight(rid)
+            rows_g = _take(chunk, pos)
+            logp_g = _take(logp, pos)
+            if spec.support == "full":
+                src_hidden, src = sources[spec.source]
+                h_src = src_hidden.index_select(0, rows_g).to(src.weight.dtype)
+                logp_src = scaled_logits(h_src, src.weight, src.bias, inv_tau).log_softmax(-1)
+                value, g = divergence_and_grad(logp_g, logp_src, spec.divergence, config.jsd_beta)
+            else:  # sampled: (l_S - l_src).detach() * l_S, gradient c * (onehot - s)
+                y_g = _take(y, pos)
+                l_s = logp_g.gather(1, y_g).squeeze(1)
+                c = l_s - source_logprob[spec.source].index_select(0, rows_g)
+                value = c * l_s
+                g = logp_g.exp().mul_(-c[:, None]).scatter_add_(1, y_g, c[:, None]) if dz is not None else None
+            loss.index_add_(0, pos, weight * value)
+            if dz is not None:
+                dz.index_add_(0, pos, g.mul_(weight)) if pos.numel() != dz.shape[0] else dz.add_(g, alpha=weight)
+        if config.ce_weight > 0:
+            yh = hard_labels.index_select(0, chunk)[:, None]
+            loss.sub_(config.ce_weight * logp.gather(1, yh).squeeze(1))
+            if dz is not None:  # d(-log s_y)/dz = s - onehot(y)
+                dz.add_(logp.exp().scatter_add_(1, yh, -torch.ones_like(yh, dtype=logp.dtype)), alpha=config.ce_weight)
+        per_token.index_add_(0, chunk, loss)
+        if dz is not None:
+            dz.mul_((red_w.index_select(0, chunk) * inv_tau)[:, None])
+            _fold_full_grad(dz, h, chunk, student, grads)
+
+
+def _fold_full_grad(dz: Tensor, h: Tensor, chunk: Tensor, student: Projection, grads: GradBuffers) -> None:
+    """d hidden[chunk] += dz @ W;  d W += dz^T @ h;  d b += sum(dz). dz: (C, V) scaled logit gradient."""
+    if grads.hidden is not None:
+        grads.hidden.index_add_(0, chunk, dz @ student.weight)
+    if grads.weight is not None:
+        grads.weight.addmm_(dz.T, h)
+    if grads.bias is not None:
+        grads.bias.add_(dz.sum(0))
+
+
+def topk_rows(
+    rows: Tensor,
+    source: str,
+    *,
+    route: Tensor,
+    student_hidden: Tensor,
+    student: Projection,
+    stats: LinearStats,
+    red_w: Tensor,
+    config: RouteConfig,
+    per_token: Tensor,
+    grads: GradBuffers,
+) -> None:
+    """Losses and gradients of the rows on top-K routes of one source (rows sorted by route).
+
+    The source's top-K (indices and scaled logits) come from the statistics pass; the student's
+    logits at those K ids are ``h . W[idx] (+ b[idx])``: a gather of K rows of W per token.
+    """
+    inv_tau = 1.0 / config.temperature
+    k = stats.topk_idx.shape[1]
+    hs = student.weight.shape[1]
+    # Same memory as a C x V chunk: C x K x H gathered rows.
+    chunk_rows = max(1, (config.chunk_size * student.weight.shape[0]) // max(1, k * hs))
+    rids = [rid for rid, spec in enumerate(config.routes) if spec.support == "topk" and spec.source == source]
+    for chunk in rows.split(chunk_rows):
+        h = student_hidden.index_select(0, chunk).to(student.weight.dtype)
+        idx = stats.topk_idx.index_select(0, chunk)
+        w_rows = student.weight[idx]  # (C, K, H)
+        z = torch.bmm(w_rows, h[:, :, None]).squeeze(2)
+        if student.bias is not None:
+            z = z + student.bias[idx]
+        logp = (z * inv_tau).log_softmax(-1)
+        logp_src = stats.topk_vals.index_select(0, chunk).log_softmax(-1)
+        loss = torch.zeros(chunk.numel(), dtype=logp.dtype, device=logp.device)
+        dz = torch.zeros_like(logp) if grads.any else None
+        for rid, pos in _groups(route.index_select(0, chunk), rids):
+            spec, weight = config.routes[rid], config.route_weight(rid)
+            value, g = divergence_and_grad(_take(logp, pos), _take(logp_src, pos), spec.divergence, config.jsd_beta)
+            loss.index_add_(0, pos, weight * value)
+            if dz is not None:
+                dz.index_add_(0, pos, g.mul_(weight))
+        per_token.index_add_(0, chunk, loss)
+        if dz is None:
+            continue
+        dz.mul_((red_w.index_select(0, chunk) * inv_tau)[:, None])
+        if grads.hidden is not None:
+            grads.hidden.index_add_(0, chunk, torch.bmm(dz[:, None, :], w_rows).squeeze(1))
+        flat_idx = idx.reshape(-1)
+        if grads.weight is not None:
+            grads.weight.index_add_(0, flat_idx, (dz[:, :, None] * h[:, None, :]).reshape(-1, hs))
+        if grads.bias is not None:
+            grads.bias.index_add_(0, flat_idx, dz.reshape(-1))

@@ -1,0 +1,87 @@
+"""The divergences of the route table, on log-probabilities: one definition shared by every path.
+
+All functions take ``ls`` (the student's log-probabilities) and ``lt`` (the source's), shaped (..., S)
+over the same support of size S and each normalized over it, and reduce over the last dim.
+
+    rkl = KL(S || src)  = sum s (ls - lt)
+    fkl = KL(src || S)  = sum t (lt - ls)
+    jsd = beta KL(src || M) + (1 - beta) KL(S || M),  M = beta src + (1 - beta) S   (TRL's convention)
+
+``divergence_and_grad`` also returns the gradient with respect to the student's *logits* z, where
+ls = log_softmax(z). All three share the form  dz = s * (g - <s, g>)  with g = dD/ds:
+    rkl: g = ls - lt           -> dz = s (ls - lt - rkl)
+    fkl: g = -t / s            -> dz = s - t
+    jsd: g = (1 - beta)(ls - lm) -> dz = (1 - beta) s (ls - lm - KL(S || M))
+The fused paths use these closed forms; the reference differentiates ``divergence`` with autograd, so
+the tests compare two independent derivations.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def _plogratio(logp: Tensor, logq: Tensor) -> Tensor:
+    """p * (log p - log q) with the 0 * log 0 = 0 convention (p = exp(logp))."""
+    p = logp.exp()
+    return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p))
+
+
+def _log_mixture(ls: Tensor, lt: Tensor, beta: float) -> Tensor:
+    """log(beta t + (1 - beta) s), stable even where both probabilities underflow."""
+    return torch.logaddexp(lt + math.log(beta), ls + math.log1p(-beta))
+
+
+def divergence(ls: Tensor, lt: Tensor, kind: str, beta: float = 0.5) -> Tensor:
+    """Per-row divergence between student log-probs ``ls`` and source log-probs ``lt``.
+
+    Shapes: ls, lt (..., S) -> (...). ``kind`` is "rkl", "fkl" or "jsd" (with ``beta`` in (0, 1)).
+    """
+    if kind == "rkl":
+        return _plogratio(ls, lt).sum(-1)
+    if kind == "fkl":
+        return _plogratio(lt, ls).sum(-1)
+    if kind == "jsd":
+        lm = _log_mixture(ls, lt, beta)
+        return beta * _plogratio(lt, lm).sum(-1) + (1.0 - beta) * _plogratio(ls, lm).sum(-1)
+    raise ValueError(f"divergence: unknown kind {kind!r}")
+
+
+def divergence_and_grad(ls: Tensor, lt: Tensor, kind: str, beta: float = 0.5) -> tuple[Tensor, Tensor]:
+    """The divergence (..., ) and its gradient (..., S) with respect to the student's logits.
+
+    ``ls`` must be log_softmax of the student's logits over the support (so the gradient of the
+    normalisation is included). Computed without autograd, in the dtype of ``ls``.
+    """
+    s = ls.exp()
+    if kind == "rkl":
+        diff = ls - lt
+        value = torch.where(s > 0, s * diff, torch.zeros_like(s)).sum(-1)
+        grad = torch.where(s > 0, s * (diff - value.unsqueeze(-1)), torch.zeros_like(s))
+        return value, grad
+    if kind == "fkl":
+        t = lt.exp()
+        value = torch.where(t > 0, t * (lt - ls), torch.zeros_like(t)).sum(-1)
+        return value, s - t
+    if kind == "jsd":
+        lm = _log_mixture(ls, lt, beta)
+        d_sm = ls - lm  # finite: lm >= ls + log(1 - beta)
+        kl_sm = torch.where(s > 0, s * d_sm, torch.zeros_like(s)).sum(-1)
+        kl_tm = _plogratio(lt, lm).sum(-1)
+        value = beta * kl_tm + (1.0 - beta) * kl_sm
+        grad = (1.0 - beta) * s * (d_sm - kl_sm.unsqueeze(-1))
+        return value, grad
+    raise ValueError(f"divergence: unknown kind {kind!r}")
+
+
+def sampled_pg(student_logprob: Tensor, source_logprob: Tensor) -> Tensor:
+    """The single-sample reverse-KL policy-gradient loss at the sampled token.
+
+    loss = (l_S - l_src).detach() * l_S: its value is not a divergence, its gradient is the per-token
+    advantage form of vanilla OPD (tinker-cookbook). Shapes: (...) -> (...).
+    """
+    return (student_logprob - source_logprob).detach() * student_logprob

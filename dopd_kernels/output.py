@@ -1,0 +1,101 @@
+"""The result object of every path: the loss, the per-token signals and cheap metrics."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+
+from .config import ROUTES
+
+Tensor = torch.Tensor
+
+
+class RoutedLossOutput:
+    """What ``routed_loss`` returns. Per-token fields are shaped like ``target_ids`` and detached.
+
+    loss: scalar, differentiable w.r.t. the student's hidden states, weight and bias.
+    per_token_loss: route weight x divergence (+ ce_weight x CE) per token; 0 where masked.
+    route: int64, 0=LH 1=LL 2=HT 3=HS, -1 where masked.
+    adv_gap, q_self, q_teacher: the routing signals |l_T - l_S|, exp(l_S), exp(l_T) (0 where masked).
+    student_logprob: the trained student's log-prob of ``target_ids`` (temperature applied; 0 where
+        masked). The fused paths compute it on first access for tokens whose route did not need the
+        student's full softmax (one extra no-grad pass over those tokens); reading it after the
+        student's weights were changed in place (an optimizer step) raises instead of answering wrong.
+    thresholds: 0-d tensors: the means of the normalized kept signals ("*_bar") and the trim cutoffs.
+    """
+
+    def __init__(
+        self,
+        *,
+        loss: Tensor,
+        per_token_loss: Tensor,
+        route: Tensor,
+        adv_gap: Tensor,
+        q_self: Tensor,
+        q_teacher: Tensor,
+        student_logprob: Union[Tensor, Callable[[], Tensor]],
+        thresholds: Optional[dict[str, Tensor]] = None,
+        watched: Sequence[Tensor] = (),
+    ) -> None:
+        self.loss = loss
+        self.per_token_loss = per_token_loss
+        self.route = route
+        self.adv_gap = adv_gap
+        self.q_self = q_self
+        self.q_teacher = q_teacher
+        self.thresholds = dict(thresholds or {})
+        self._logprob: Optional[Tensor] = student_logprob if isinstance(student_logprob, Tensor) else None
+        self._logprob_fn = None if isinstance(student_logprob, Tensor) else student_logprob
+        # The lazy student_logprob reads these tensors later: remember their versions to catch in-place updates.
+        self._watched = [(t, t._version) for t in watched]
+
+    @property
+    def student_logprob(self) -> Tensor:
+        """log softmax(z_student / tau)[target_ids], detached; computed on first access where needed."""
+        if self._logprob is None:
+            if any(t._version != v for t, v in self._watched):
+                raise RuntimeError(
+                    "student_logprob: the student's hidden states or weights were modified in place after "
+                    "routed_loss (an optimizer step?); read student_logprob before changing them"
+                )
+            self._logprob = self._logprob_fn()
+            self._logprob_fn, self._watched = None, []
+        return self._logprob
+
+    def __repr__(self) -> str:
+        return f"RoutedLossOutput(loss={self.loss!r}, shape={tuple(self.route.shape)})"
+
+    def metrics(self, include_logprob: bool = False) -> dict[str, float]:
+        """Route fractions, per-route mean loss, thresholds and signal means, as floats.
+
+        All values are stacked into one tensor and copied to the host once: one synchronisation,
+        cheap enough to log every step. Fractions are over valid tokens; a route with no token has
+        loss 0. ``student_logprob_mean`` is included when it is already computed or when
+        ``include_logprob`` asks for it.
+        """
+        route = self.route.reshape(-1)
+        valid = route >= 0
+        n_valid = valid.sum().to(torch.float64)
+        denom = n_valid.clamp_min(1.0)
+        ptl = self.per_token_loss.detach().reshape(-1).to(torch.float64)
+        names: list[str] = ["loss", "n_tokens"]
+        values: list[Tensor] = [self.loss.detach().to(torch.float64).reshape(()), n_valid]
+        for rid, rname in enumerate(ROUTES):
+            in_route = route == rid
+            count = in_route.sum().to(torch.float64)
+            names += [f"frac/{rname}", f"loss/{rname}"]
+            values += [count / denom, torch.where(in_route, ptl, 0.0).sum() / count.clamp_min(1.0)]
+        signals = ["adv_gap", "q_self", "q_teacher"]
+        if include_logprob or self._logprob is not None:
+            signals.append("student_logprob")
+        for sig in signals:
+            x = getattr(self, sig).detach().reshape(-1).to(torch.float64)
+            names.append(f"{sig}_mean")
+            values.append(torch.where(valid, x, 0.0).sum() / denom)
+        for key, thr in self.thresholds.items():
+            names.append(f"threshold/{key}")
+            values.append(thr.detach().to(torch.float64).reshape(()))
+        device = values[0].device
+        host = torch.stack([v.to(device) for v in values]).cpu().tolist()
+        return dict(zip(names, host))

@@ -1,0 +1,18 @@
+"""Shared test set-up: Triton's interpreter on machines without a GPU, and deterministic seeds."""
+
+import os
+
+import torch
+
+# Triton reads TRITON_INTERPRET when it is first imported: set it before any test imports triton,
+# so the kernels run on the CPU (slowly: keep kernel tests small).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
