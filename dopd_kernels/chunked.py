@@ -42,7 +42,6 @@ class _RoutedLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):  # noqa: D102
         scaled = [None if g is None else (g * grad_loss).to(g.dtype) for g in ctx.grads]
-        ctx.grads = None
         return (None, None, None, None, *scaled)
 
 

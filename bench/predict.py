@@ -1,0 +1,80 @@
+"""The cost model of ``shared/docs/dopd-method.md`` written out: predicted FLOPs and extra bytes per implementation.
+
+The report prints each prediction next to the measurement, so a memory blow-up or a slow path shows as a
+large measured/predicted ratio. Bytes are those allocated beyond the inputs (gradients included); they are
+lower bounds built from the tensors each algorithm cannot avoid, not a fit to the measurements.
+"""
+
+from __future__ import annotations
+
+from bench.shapes import BenchShape
+
+LIGER_CHUNK = 1024  # LigerFusedLinearJSDLoss default chunk_size
+F32 = 4
+
+
+def gemm_flops(n: int, h: int, v: int) -> float:
+    """FLOPs of one (n x h) @ (h x v) matrix product."""
+    return 2.0 * n * h * v
+
+
+def predicted_flops(impl: str, mode: str, s: BenchShape, n_ht: int) -> float:
+    """GEMM FLOPs the algorithm needs (elementwise work ignored: it is O(N x V) against O(N x H x V))."""
+    stats = gemm_flops(s.n, s.hs, s.v) + gemm_flops(s.n, s.ht, s.v)  # self + teacher logits
+    if mode == "stats":
+        return stats
+    student_all = 3 * gemm_flops(s.n, s.hs, s.v)  # student logits, d hidden, d weight over all tokens
+    if impl in ("reference", "naive", "floor_5gemm"):
+        return stats + student_all
+    if impl.startswith("liger"):
+        return gemm_flops(s.n, s.ht, s.v) + student_all  # no self pass
+    # floor_alg and our paths: the spec's floor (our paths aim at it; the ratio shows how close they get).
+    return stats + 4 * gemm_flops(n_ht, s.hs, s.v)
+
+
+def predicted_bytes(impl: str, mode: str, s: BenchShape, n_ht: int, chunk: int = 256, top_k: int = 128) -> float:
+    """Lower bound of the extra bytes ``impl`` must allocate (see the per-branch comments)."""
+    e = s.itemsize
+    nv = s.n * s.v
+    k = min(top_k, s.v)
+    grads = (s.v * s.hs + s.n * s.hs) * e  # d weight + d hidden, in the input dtype
+    if mode == "stats":
+        if impl == "naive":
+            return 2 * nv * e + 2 * nv * F32  # self + teacher logits and their log-softmax
+        if impl == "floor_alg":
+            return 2 * nv * e
+        # chunk logits of one source + its exp inside logsumexp, and top-K values/ids of both sources
+        return 2 * min(chunk, s.n) * s.v * F32 + 2 * s.n * k * (F32 + 8)
+    if impl in ("reference", "naive"):
+        # three logit tensors + three log-softmaxes + the logits' gradient, in float64 (reference) / float32
+        width = 8 if impl == "reference" else F32
+        return 3 * nv * e + 4 * nv * width + grads
+    if impl.startswith("liger"):
+        c = min(LIGER_CHUNK, s.n)
+        # per chunk: student and teacher logits, two log-softmaxes, the mixture, the logits' gradient;
+        # plus a per-chunk d weight added into the accumulated one
+        return 6 * c * s.v * F32 + s.v * s.hs * F32 + grads
+    if impl == "floor_5gemm":
+        return 3 * nv * e + grads  # the three logit tensors (the GEMMs' outputs)
+    if impl == "floor_alg":
+        return 2 * nv * e + 2 * n_ht * s.v * e + grads  # unchunked floor GEMM outputs
+    # our paths: a few chunk x V buffers (student, source, softmaxes, gradient), top-K of both sources,
+    # float32 gradient accumulators, then the gradients in the input dtype
+    return 5 * min(chunk, s.n) * s.v * F32 + 2 * s.n * k * (F32 + 8) + (s.v * s.hs + s.n * s.hs) * F32 + grads
+
+
+def prediction_note(impl: str, mode: str) -> str:
+    """One line saying what the prediction counts, for the report."""
+    if mode == "stats":
+        return {
+            "naive": "2 N.V logits + 2 N.V fp32 log-softmax",
+            "floor_alg": "2 N.V GEMM outputs",
+        }.get(impl, "2 chunk.V fp32 + 2 N.K top-K")
+    return {
+        "reference": "3 N.V logits + 4 N.V fp64 (log-softmax x3, grad) + grads",
+        "naive": "3 N.V logits + 4 N.V fp32 (log-softmax x3, grad) + grads",
+        "liger": "6 chunk.V fp32 (chunk 1024) + fp32 dW + grads",
+        "liger_compiled": "6 chunk.V fp32 (chunk 1024) + fp32 dW + grads",
+        "floor_5gemm": "3 N.V GEMM outputs + grads",
+        "floor_alg": "2 N.V + 2 N_HT.V GEMM outputs + grads",
+    }.get(impl, "5 chunk.V fp32 + 2 N.K top-K + fp32 grads + grads")

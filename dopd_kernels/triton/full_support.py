@@ -1,0 +1,226 @@
+"""Kernel 2: losses and logit gradients of the rows that need the student's full softmax.
+
+Rows: full-support routes (JS / rkl / fkl / generalized JSD against the teacher or the privileged self),
+sampled-support routes (single-sample reverse-KL policy gradient) and, when ``ce_weight`` > 0, every
+valid row (hard-label CE). They are sorted to the front on the device; a device-side count tells the
+kernels where they end, so chunks past it launch but do no work (no host sync).
+
+Per chunk of C rows (``matmul.py`` for the three GEMM-shaped steps, ``_rows_kernel`` for the rest):
+    z_s = (h_s W_s^T + b_s)/tau, z_src likewise (C x V fp32 scratch, reused: O(C x V), never N x V);
+    _rows_kernel, one program per row, three sweeps over the row: student lse (online); the divergence
+        value from the saved source lse; the logit gradient written in place over z_s;
+    d h_s[rows] = dz @ W_s ; d W_s += dz^T h_s ; d b_s += sum(dz)       (fp32 accumulators).
+Why materialize a C x V chunk instead of recomputing logit tiles in the gradient pass: the gradient of
+JS (and of rkl) needs a per-row sum over the whole vocabulary before any dz tile is known, so a fully
+fused scheme recomputes z_s and z_src two or three times and must reduce dW across token blocks with
+atomics. The chunk costs exactly the 4 GEMMs of the floor (z_s, z_src, dh, dW) plus ~10 memory sweeps
+of C x V fp32 (see function.py for the numbers).
+FLOPs per row: 2 V (Hs + H_src) forward + 4 V Hs backward. Bytes per row: ~40 V (scratch sweeps).
+
+The tl code restates ``divergences.divergence_and_grad`` (value and dz = s (g - <s, g>) closed forms for
+rkl, fkl, jsd) and ``divergences.sampled_pg`` (dz = c (onehot(y) - s), c = l_S - l_src).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .blocks import Blocks
+from .matmul import matmul_into
+
+#: Per-row kind codes of _rows_kernel (route table -> code via RowPlan.kind_table).
+KIND_NONE, KIND_RKL, KIND_FKL, KIND_JSD, KIND_SAMPLED = 0, 1, 2, 3, 4
+KIND_CODES = {"rkl": KIND_RKL, "fkl": KIND_FKL, "jsd": KIND_JSD}
+
+
+@triton.jit
+def _rows_kernel(zs_ptr, zt_ptr, zp_ptr, stride_z, count_ptr, row0, rows_ptr,
+                 y_ptr, yh_ptr, kind_ptr, rw_ptr, use_t_ptr, lse_t_ptr, lse_p_ptr, lsrc_ptr, red_ptr,
+                 loss_ptr, slp_ptr, vocab, inv_tau, beta, log_beta, log_1m_beta, ce_weight,
+                 HAS_T: tl.constexpr, HAS_P: tl.constexpr, HAS_RKL: tl.constexpr, HAS_FKL: tl.constexpr,
+                 HAS_JSD: tl.constexpr, HAS_SAMPLED: tl.constexpr, HAS_CE: tl.constexpr,
+                 WANT_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
+    r = tl.program_id(0)
+    live = tl.load(count_ptr) - row0
+    if r < live:
+        tok = tl.load(rows_ptr + r)
+        y = tl.load(y_ptr + tok)
+        kind = tl.load(kind_ptr + tok)
+        rw = tl.load(rw_ptr + tok)
+        zs_row = zs_ptr + r * stride_z
+        # Sweep 1: the student's log-sum-exp (every tile has a real column, so the max stays finite).
+        run_max = float("-inf")
+        run_sum = 0.0
+        for v0 in range(0, vocab, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            z = tl.load(zs_row + cols, mask=cols < vocab, other=float("-inf"))
+            new_max = tl.maximum(run_max, tl.max(z, axis=0))
+            run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max), axis=0)
+            run_max = new_max
+        lse_s = run_max + tl.log(run_sum)
+        ls_y = tl.load(zs_row + y) - lse_s
+        value = 0.0
+        kl = 0.0  # the per-row sum the rkl / jsd gradients need: KL(S||src) or KL(S||M)
+        c = 0.0
+        if HAS_SAMPLED:
+            c = ls_y - tl.load(lsrc_ptr + tok)
+            value = tl.where(kind == 4, c * ls_y, value)
+        is_full = (kind >= 1) & (kind <= 3)
+        if HAS_T:
+            lse_t = tl.load(lse_t_ptr + tok)
+        else:
+            lse_t = 0.0
+        if HAS_P:
+            lse_p = tl.load(lse_p_ptr + tok)
+        else:
+            lse_p = 0.0
+        use_t = tl.load(use_t_ptr + tok) != 0
+        # Sweep 2: divergence value against the source, rebuilt from its saved lse.
+        if is_full:
+            acc_a = tl.zeros([BLOCK_V], dtype=tl.float32)
+            acc_b = tl.zeros([BLOCK_V], dtype=tl.float32)
+            for v0 in range(0, vocab, BLOCK_V):
+                cols = v0 + tl.arange(0, BLOCK_V)
+                ok = cols < vocab
+                ls = tl.load(zs_row + cols, mask=ok, other=float("-inf")) - lse_s
+                lt = _source_logprob(zt_ptr, zp_ptr, r * stride_z + cols, ok, use_t, lse_t, lse_p, HAS_T, HAS_P)
+                s = tl.exp(ls)
+                t = tl.exp(lt)
+                if HAS_RKL:
+                    acc_a += tl.where((kind == 1) & (s > 0), s * (ls - lt), 0.0)
+                if HAS_FKL:
+                    acc_a += tl.where((kind == 2) & (t > 0), t * (lt - ls), 0.0)
+                if HAS_JSD:
+                    lm = _log_mixture(ls, lt, log_beta, log_1m_beta)
+                    acc_a += tl.where((kind == 3) & (s > 0), s * (ls - lm), 0.0)
+                    acc_b += tl.where((kind == 3) & (t > 0), t * (lt - lm), 0.0)
+            sum_a = tl.sum(acc_a, axis=0)
+            sum_b = tl.sum(acc_b, axis=0)
+            kl = sum_a
+            value = tl.where(kind == 3, beta * sum_b + (1.0 - beta) * sum_a, sum_a)
+        loss = rw * value
+        yh = 0
+        if HAS_CE:
+            yh = tl.load(yh_ptr + tok)
+            loss -= ce_weight * (tl.load(zs_row + yh) - lse_s)
+        tl.store(loss_ptr + tok, tl.load(loss_ptr + tok) + loss)
+        tl.store(slp_ptr + tok, ls_y)
+        # Sweep 3: dz = red_w / tau * (rw * dD/dz + ce * (s - onehot(yh))), written over z_s.
+        if WANT_GRAD:
+            scale = tl.load(red_ptr + tok) * inv_tau
+            for v0 in range(0, vocab, BLOCK_V):
+                cols = v0 + tl.arange(0, BLOCK_V)
+                ok = cols < vocab
+                ls = tl.load(zs_row + cols, mask=ok, other=float("-inf")) - lse_s
+                s = tl.exp(ls)
+                g = tl.zeros([BLOCK_V], dtype=tl.float32)
+                if is_full:
+                    lt = _source_logprob(zt_ptr, zp_ptr, r * stride_z + cols, ok, use_t, lse_t, lse_p, HAS_T, HAS_P)
+                    if HAS_RKL:
+                        g += tl.where((kind == 1) & (s > 0), s * (ls - lt - kl), 0.0)
+                    if HAS_FKL:
+                        g += tl.where(kind == 2, s - tl.exp(lt), 0.0)
+                    if HAS_JSD:
+                        lm = _log_mixture(ls, lt, log_beta, log_1m_beta)
+                        g += tl.where((kind == 3) & (s > 0), (1.0 - beta) * s * (ls - lm - kl), 0.0)
+                if HAS_SAMPLED:
+                    g += tl.where(kind == 4, c * (tl.where(cols == y, 1.0, 0.0) - s), 0.0)
+                g = g * rw
+                if HAS_CE:
+                    g += ce_weight * (s - tl.where(cols == yh, 1.0, 0.0))
+                tl.store(zs_row + cols, g * scale, mask=ok)
+
+
+@triton.jit
+def _source_logprob(zt_ptr, zp_ptr, offs, ok, use_t, lse_t, lse_p, HAS_T: tl.constexpr, HAS_P: tl.constexpr):
+    """log-probs of the row's source over one tile (teacher or privileged self), -inf past the vocabulary."""
+    if HAS_T:
+        lt_t = tl.load(zt_ptr + offs, mask=ok, other=float("-inf")) - lse_t
+    if HAS_P:
+        lt_p = tl.load(zp_ptr + offs, mask=ok, other=float("-inf")) - lse_p
+    if HAS_T and HAS_P:
+        out = tl.where(use_t, lt_t, lt_p)
+    elif HAS_T:
+        out = lt_t
+    else:
+        out = lt_p
+    return out
+
+
+@triton.jit
+def _log_mixture(ls, lt, log_beta, log_1m_beta):
+    """log(beta t + (1 - beta) s), as divergences._log_mixture; -inf where both are -inf."""
+    a = lt + log_beta
+    b = ls + log_1m_beta
+    hi = tl.maximum(a, b)
+    safe = tl.where(hi == float("-inf"), 0.0, hi)
+    return safe + tl.log(tl.exp(a - safe) + tl.exp(b - safe))
+
+
+@dataclass
+class Model:
+    """One model's rows for the chunks: hidden (N, H) and projection weight (>= V, H), bias or None."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+
+
+def student_full_rows(*, order: torch.Tensor, count: torch.Tensor, student: Model, teacher: Optional[Model],
+                      self_model: Optional[Model], per_row: dict[str, torch.Tensor], vocab: int, inv_tau: float,
+                      jsd_beta: float, ce_weight: float, flags: dict[str, bool], chunk: int, blocks: Blocks,
+                      per_token: torch.Tensor, student_logprob: torch.Tensor,
+                      grads: dict[str, Optional[torch.Tensor]]) -> None:
+    """Run the full-support chunks. ``order``: (N,) token ids, rows needing the full softmax first;
+    ``count``: (1,) int32 device count of those rows. ``per_row``: (N,) tensors y, yh, kind (int32),
+    rw (route weight), use_t (int32), lse_t, lse_p, lsrc (source target log-prob), red (reduction weight).
+    Writes per_token (adds), student_logprob (sets) and accumulates grads["hidden"|"weight"|"bias"] (fp32).
+    """
+    n = order.numel()
+    device = student.hidden.device
+    c_max = max(1, min(chunk, n))
+    zs = torch.empty(c_max, vocab, dtype=torch.float32, device=device)
+    zt = torch.empty_like(zs) if teacher is not None else None
+    zp = torch.empty_like(zs) if self_model is not None else None
+    w_s = student.weight[:vocab]
+    want_grad = any(g is not None for g in grads.values())
+    for start in range(0, n, c_max):
+        rows = order[start:start + c_max]
+        c = rows.numel()
+        h_c = student.hidden.index_select(0, rows)
+        matmul_into(zs[:c], h_c, w_s.T, blocks=blocks, count=count, row0=start, limit="m",
+                    bias=None if student.bias is None else student.bias[:vocab], scale=inv_tau)
+        for model, buf in ((teacher, zt), (self_model, zp)):
+            if model is not None:
+                matmul_into(buf[:c], model.hidden.index_select(0, rows), model.weight[:vocab].T, blocks=blocks,
+                            count=count, row0=start, limit="m",
+                            bias=None if model.bias is None else model.bias[:vocab], scale=inv_tau)
+        _rows_kernel[(c,)](
+            zs, zt if zt is not None else zs, zp if zp is not None else zs, zs.stride(0), count, start, rows,
+            per_row["y"], per_row["yh"], per_row["kind"], per_row["rw"], per_row["use_t"], per_row["lse_t"],
+            per_row["lse_p"], per_row["lsrc"], per_row["red"], per_token, student_logprob,
+            vocab, float(inv_tau), float(jsd_beta), math.log(jsd_beta), math.log1p(-jsd_beta), float(ce_weight),
+            HAS_T=teacher is not None, HAS_P=self_model is not None, HAS_RKL=flags["rkl"], HAS_FKL=flags["fkl"],
+            HAS_JSD=flags["jsd"], HAS_SAMPLED=flags["sampled"], HAS_CE=ce_weight > 0, WANT_GRAD=want_grad,
+            BLOCK_V=blocks.row_v, num_warps=blocks.num_warps,
+        )
+        if not want_grad:
+            continue
+        dz = zs[:c]
+        op = student.weight.dtype if student.weight.dtype in (torch.bfloat16, torch.float16) else None
+        if grads["hidden"] is not None:
+            d_h = torch.zeros(c, w_s.shape[1], dtype=torch.float32, device=device)
+            matmul_into(d_h, dz, w_s, blocks=blocks, count=count, row0=start, limit="m", operand_dtype=op)
+            grads["hidden"].index_add_(0, rows, d_h)
+        if grads["weight"] is not None:
+            matmul_into(grads["weight"], dz.T, h_c, blocks=blocks, count=count, row0=start, limit="k",
+                        accumulate=True, operand_dtype=op)
+        if grads["bias"] is not None:
+            live = torch.arange(start, start + c, device=device) < count
+            grads["bias"].add_(torch.where(live[:, None], dz, 0.0).sum(0))

@@ -1,0 +1,201 @@
+"""``backend="triton"``: orchestration of the fused kernels and the autograd Function.
+
+Design note (cost model of dopd-method.md; N tokens, V vocabulary, HT = tokens on full-support routes)
+--------------------------------------------------------------------------------------------------------
+Stages (all on the device, no host sync, so the loss can be captured in a CUDA graph):
+1. ``stats.py``  self and teacher: fused h W^T tiles + online lse + target logit + streaming top-K
+   (packed int64 keys, bitonic merge). 2 GEMMs over all N (N Hs V + N Ht V MACs); writes O(N x splits x K).
+2. ``routing.route_tokens`` (shared, on device) on the two target log-probs.
+3. ``full_support.py``  rows needing the student's full softmax (HT for DOPD; all rows for vanilla OPD,
+   GKD, SDPO; plus every row when ce_weight > 0), sorted to the front; per chunk of C rows: z_s, z_src
+   GEMMs into a C x V fp32 scratch, a row kernel (student lse, value, dz in place), dh and dW GEMMs with
+   fp32 accumulation: the floor's 4 GEMMs over HT + ~40 bytes x V per row of scratch traffic.
+4. ``topk.py``  top-K routes: gather K rows of W_s per token (torch), renormalized KL and its gradient.
+Gradients are finished in the forward and attached by ``_AttachGrads`` (backward = scale by grad_output).
+
+Predicted H200 time, N=16384, Hs=2048, Ht=4096, V=151936, bf16, HT fraction 0.25 (no GPU in this session):
+    floor (cuBLAS at ~700 TFLOP/s): self 10.2 + teacher 20.4 + HT (2.6 + 5.1 + 2.6 + 2.6) = 43.4 TFLOP ~ 62 ms
+    stage 1: 30.6 TFLOP at ~600 TFLOP/s (Triton tiles) ~ 51 ms, plus the top-K merges: 35 compare-and-swap
+             stages over 64 x 128 keys per tile, comparable to a tile's GEMM at Hs = 2048 when every tile
+             must merge (i.i.d. logits); skipped for tiles with no key above the kept K-th (peaked LM rows):
+             +5 to +30 ms
+    stage 3: 12.8 TFLOP ~ 20 ms + scratch sweeps (25 GB) ~ 5 ms + dW fp32 read/write per chunk
+             (2.5 GB x HT / C: 16 chunks at C = 256) ~ 8 ms  (C = config.chunk_size; 512 halves this)
+    stage 4: ~80 GB of gather / fp32 staging / index_add_ traffic ~ 17 ms (a Triton gather kernel: ~6 ms)
+    total ~ 105-135 ms = 1.7-2.2x the floor: short of the issue's 1.3x goal. The measured gaps to close
+    first (on a GPU): the top-K stage in Triton, the merge filter, C, and autotuned tiles.
+Extra memory: 2 C x V fp32 scratch (311 MB at C = 256) + O(N x splits x K) stats + the top-K chunk
+    (~C x V floats) + fp32 gradient accumulators (N Hs + V Hs, the same as the torch path's).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..chunked import chunked_routed_loss
+from ..config import RouteConfig
+from ..output import RoutedLossOutput
+from ..reduction import reduction_weights
+from ..routing import route_tokens
+from .blocks import blocks_for
+from .full_support import KIND_CODES, KIND_NONE, KIND_SAMPLED, Model, student_full_rows
+from .stats import fused_linear_stats
+from .topk import topk_rows
+
+Tensor = torch.Tensor
+
+
+class _AttachGrads(torch.autograd.Function):
+    """forward(loss, d_hidden, d_weight, d_bias, hidden, weight, bias) -> loss; backward scales the saved grads."""
+
+    @staticmethod
+    def forward(ctx, loss, d_hidden, d_weight, d_bias, hidden, weight, bias):  # noqa: D102
+        ctx.grads = (d_hidden, d_weight, d_bias)
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad_loss):  # noqa: D102
+        scaled = [None if g is None else (g * grad_loss).to(g.dtype) for g in ctx.grads]
+        ctx.grads = None
+        return (None, None, None, None, *scaled)
+
+
+def _table(config: RouteConfig, fn, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A per-route lookup table (4,) built from the route specs (indexed by route id)."""
+    return torch.tensor([fn(rid, spec) for rid, spec in enumerate(config.routes)], dtype=dtype, device=device)
+
+
+def triton_routed_loss(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    self_hidden: Tensor,
+    target_ids: Tensor,
+    valid: Tensor,
+    *,
+    student_bias: Optional[Tensor] = None,
+    teacher_bias: Optional[Tensor] = None,
+    self_weight: Optional[Tensor] = None,
+    self_bias: Optional[Tensor] = None,
+    hard_labels: Optional[Tensor] = None,
+    config: RouteConfig,
+) -> RoutedLossOutput:
+    """The routed loss with the Triton kernels. Arguments and results as ``chunked_routed_loss``.
+
+    float64 inputs go to the PyTorch path (the kernels accumulate in fp32). Masked tokens are carried
+    through the statistics pass (cost N, not the valid count) but never routed, weighted or reduced.
+    """
+    if torch.float64 in (student_hidden.dtype, student_weight.dtype, teacher_hidden.dtype, teacher_weight.dtype):
+        return chunked_routed_loss(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, self_hidden, target_ids, valid,
+            student_bias=student_bias, teacher_bias=teacher_bias, self_weight=self_weight, self_bias=self_bias,
+            hard_labels=hard_labels, config=config)
+    shape = target_ids.shape
+    vocab, hs = student_weight.shape
+    device = student_hidden.device
+    blocks = blocks_for(device)
+    inv_tau = 1.0 / config.temperature
+    k = config.effective_top_k(vocab)
+    flat_valid = valid.reshape(-1).to(torch.bool)
+    n = flat_valid.numel()
+    y = torch.where(flat_valid, target_ids.reshape(-1), 0)  # masked ids may be -100
+    yh = y if hard_labels is None else torch.where(flat_valid, hard_labels.reshape(-1), 0)
+    h_s = student_hidden.detach().reshape(n, hs)
+    h_p = self_hidden.detach().reshape(n, hs)
+    h_t = teacher_hidden.detach().reshape(n, teacher_hidden.shape[-1])
+    w_s = student_weight.detach()
+    b_s = None if student_bias is None else student_bias.detach()
+    w_p, b_p = (w_s, b_s) if self_weight is None else (self_weight.detach(), None if self_bias is None else self_bias.detach())
+    w_t, b_t = teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach()
+    topk_sources = config.topk_sources()
+    want = torch.is_grad_enabled()
+
+    with torch.no_grad():
+        stats = {
+            "self": fused_linear_stats(h_p, w_p, b_p, y, vocab=vocab, inv_tau=inv_tau,
+                                       top_k=k if "self" in topk_sources else 0),
+            "teacher": fused_linear_stats(h_t, w_t, b_t, y, vocab=vocab, inv_tau=inv_tau,
+                                          top_k=k if "teacher" in topk_sources else 0),
+        }
+        lp_self, lp_teacher = stats["self"].target_logprob, stats["teacher"].target_logprob
+        routing = route_tokens(lp_self, lp_teacher, flat_valid, config)
+        route = routing.route
+        r = route.clamp_min(0)
+        red_w = reduction_weights(valid.reshape(shape), config.reduction, torch.float32).reshape(-1)
+        grads = {
+            "hidden": torch.zeros(n, hs, dtype=torch.float32, device=device)
+            if want and student_hidden.requires_grad else None,
+            "weight": torch.zeros(vocab, hs, dtype=torch.float32, device=device)
+            if want and student_weight.requires_grad else None,
+            "bias": torch.zeros(vocab, dtype=torch.float32, device=device)
+            if want and student_bias is not None and student_bias.requires_grad else None,
+        }
+        per_token = torch.zeros(n, dtype=torch.float32, device=device)
+        student_logprob = torch.full((n,), float("nan"), dtype=torch.float32, device=device)
+
+        full_specs = [s for s in config.routes if s.support in ("full", "sampled")]
+        if full_specs or config.ce_weight > 0:
+            def code(_, s):
+                return KIND_CODES[s.divergence] if s.support == "full" else KIND_SAMPLED if s.support == "sampled" else KIND_NONE
+            kind = torch.where(route >= 0, _table(config, code, torch.int32, device)[r], KIND_NONE)
+            use_t = _table(config, lambda _, s: int(s.source == "teacher"), torch.int32, device)[r]
+            needs_full = flat_valid if config.ce_weight > 0 else kind != KIND_NONE
+            # Rows needing the full softmax first (grouped by route); the kernels stop at the device count.
+            order = torch.argsort(torch.where(needs_full, route, len(config.routes)), stable=True)
+            count = needs_full.sum().to(torch.int32).reshape(1)
+            uses = {(s.source, s.support) for s in full_specs}
+            per_row = dict(
+                y=y, yh=yh, kind=kind, rw=_table(config, lambda rid, _: config.route_weight(rid), torch.float32, device)[r],
+                use_t=use_t, lse_t=stats["teacher"].lse, lse_p=stats["self"].lse,
+                lsrc=torch.where(use_t != 0, lp_teacher, lp_self), red=red_w,
+            )
+            student_full_rows(
+                order=order, count=count, student=Model(h_s, w_s, b_s),
+                teacher=Model(h_t, w_t, b_t) if ("teacher", "full") in uses else None,
+                self_model=Model(h_p, w_p, b_p) if ("self", "full") in uses else None,
+                per_row=per_row, vocab=vocab, inv_tau=inv_tau, jsd_beta=config.jsd_beta, ce_weight=config.ce_weight,
+                flags={d: any(s.support == "full" and s.divergence == d for s in full_specs) for d in KIND_CODES}
+                | {"sampled": any(s.support == "sampled" for s in full_specs)},
+                chunk=config.chunk_size, blocks=blocks, per_token=per_token, student_logprob=student_logprob,
+                grads=grads,
+            )
+        if topk_sources:
+            topk_rows(route=route, hidden=h_s, weight=w_s, bias=b_s,
+                      stats={s: stats[s] for s in sorted(topk_sources)}, config=config, red_w=red_w,
+                      per_token=per_token, grads=grads)
+        per_token = torch.where(flat_valid, per_token, 0.0)
+        loss_value = (per_token * red_w).sum()
+
+    loss = _AttachGrads.apply(
+        loss_value,
+        None if grads["hidden"] is None else grads["hidden"].reshape(student_hidden.shape).to(student_hidden.dtype),
+        None if grads["weight"] is None else grads["weight"].to(student_weight.dtype),
+        None if grads["bias"] is None else grads["bias"].to(student_bias.dtype),
+        student_hidden, student_weight, student_bias,
+    )
+
+    def lazy_logprob() -> Tensor:
+        """Student log-probs: from the full-softmax rows where computed, else one student stats pass."""
+        with torch.no_grad():
+            missing = torch.isnan(student_logprob)
+            fresh = fused_linear_stats(h_s, w_s, b_s, y, vocab=vocab, inv_tau=inv_tau).target_logprob
+            out = torch.where(missing, fresh, student_logprob)
+            return torch.where(flat_valid, out, 0.0).reshape(shape)
+
+    def f32(x: Tensor) -> Tensor:
+        return x.to(torch.float32).reshape(shape)
+
+    return RoutedLossOutput(
+        loss=loss,
+        per_token_loss=per_token.reshape(shape),
+        route=route.reshape(shape),
+        adv_gap=f32(routing.adv_gap),
+        q_self=f32(routing.q_self),
+        q_teacher=f32(routing.q_teacher),
+        student_logprob=lazy_logprob,
+        thresholds=routing.thresholds,
+        watched=[t for t in (student_hidden, student_weight, student_bias) if t is not None],
+    )

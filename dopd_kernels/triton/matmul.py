@@ -1,0 +1,83 @@
+"""Tiled matmul with fp32 accumulation for the full-support chunks: C (+)= scale * (A @ B + bias).
+
+Used three ways per chunk of C student-full rows (``full_support.py``):
+    logits  z (C, V)  = (h_chunk @ W^T + b) / tau       rows limited to the live rows of the chunk
+    d hidden (C, Hs)  = dz @ W                          rows limited likewise
+    d weight (V, Hs) += dz^T @ h_chunk                  reduction limited to the live rows; fp32 accumulator
+"Live" rows come from a device-side count (rows past it skip their loads and stores, or the reduction
+stops there), so launching every chunk needs no host sync and programs of empty chunks do no work.
+Strides make the transposes free. FLOPs: 2 M N K; bytes: M K + K N (+ M N, twice when accumulating).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .blocks import Blocks, dot_dtype
+
+_TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+
+
+@triton.jit
+def _mm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, count_ptr, row0, M, N, K,
+               s_am, s_ak, s_bk, s_bn, s_cm, s_cn, scale,
+               LIMIT_M: tl.constexpr, LIMIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
+               DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    live = tl.maximum(tl.load(count_ptr) - row0, 0)
+    m_lim = tl.minimum(live, M) if LIMIT_M else M
+    k_lim = tl.minimum(live, K) if LIMIT_K else K
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = rm < m_lim
+    n_ok = rn < N
+    k_end = tl.where(pid_m * BLOCK_M < m_lim, k_lim, 0)  # a block of dead rows does no work
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, k_end, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = rk < k_lim
+        a = tl.load(a_ptr + rm[:, None] * s_am + rk[None, :] * s_ak, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptr + rk[:, None] * s_bk + rn[None, :] * s_bn, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if IEEE:
+            acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    acc = acc * scale
+    c_ptrs = c_ptr + rm[:, None] * s_cm + rn[None, :] * s_cn
+    out_ok = m_ok[:, None] & n_ok[None, :]
+    if ACCUMULATE:
+        acc += tl.load(c_ptrs, mask=out_ok, other=0.0)
+    tl.store(c_ptrs, acc, mask=out_ok)
+
+
+def matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, blocks: Blocks, count: torch.Tensor,
+                row0: int, limit: str, bias: Optional[torch.Tensor] = None, scale: float = 1.0,
+                accumulate: bool = False, operand_dtype: Optional[torch.dtype] = None) -> None:
+    """out (M, N) fp32 (+)= scale * (a @ b + bias), a (M, K) and b (K, N) any strides (views of transposes).
+
+    ``limit``: "m" (rows >= count - row0 are neither read nor written) or "k" (the reduction stops at
+    count - row0). ``count`` is a 1-element int tensor on the device. ``operand_dtype``: tl.dot operand
+    dtype (default: from a and b; fp32 operands use IEEE fp32, not TF32).
+    """
+    m, k = a.shape
+    n = b.shape[1]
+    ddt = operand_dtype or dot_dtype(a, b)
+    if a.device.type != "cuda":
+        ddt = torch.float32  # interpreter: see blocks.dot_dtype
+    grid = (triton.cdiv(m, blocks.mm_m), triton.cdiv(n, blocks.mm_n))
+    _mm_kernel[grid](
+        a, b, out, bias if bias is not None else out, count, row0, m, n, k,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1), float(scale),
+        LIMIT_M=limit == "m", LIMIT_K=limit == "k", HAS_BIAS=bias is not None, ACCUMULATE=accumulate,
+        DOT_DTYPE=_TL[ddt], IEEE=ddt == torch.float32,
+        BLOCK_M=blocks.mm_m, BLOCK_N=blocks.mm_n, BLOCK_K=blocks.mm_k,
+        num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+    )

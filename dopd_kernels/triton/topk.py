@@ -1,0 +1,79 @@
+"""Kernel family 3: the top-K routes, in torch (gather + bmm + index_add_).
+
+For each token on a top-K route, the K output-projection rows picked by its source's top-K (from the
+statistics kernel) are gathered: z_K = W[idx] h (+ b[idx]), both sides renormalized over the K ids and
+``divergences.divergence_and_grad`` gives the value and dz_K; then d h += dz_K W[idx], d W[idx] += dz_K h.
+FLOPs: 4 K Hs per token (negligible next to the V-sized GEMMs); bytes: K Hs per token (the gather) plus
+K Hs fp32 scatter-adds into d W. This stage is bandwidth-bound and tiny next to the 2 N H V GEMMs; a
+Triton kernel would save the (C, K, Hs) staging copy but has not been measured yet (no GPU in the build
+session), so the torch version stays until a benchmark says otherwise.
+No host sync: every chunk of rows is processed with per-row weights (0 off the top-K routes) instead of
+selecting the top-K rows with ``nonzero``; the price is the gather for full-support rows too.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..chunked_stats import LinearStats
+from ..config import RouteConfig
+from ..divergences import divergence_and_grad
+
+
+def topk_rows(*, route: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+              stats: dict[str, LinearStats], config: RouteConfig, red_w: torch.Tensor, per_token: torch.Tensor,
+              grads: dict[str, Optional[torch.Tensor]]) -> None:
+    """Add the top-K routes' losses to ``per_token`` (N,) and their gradients to the fp32 ``grads``.
+
+    route (N,) int64 (-1 masked); hidden (N, Hs) student; weight (>= V, Hs), bias or None (student);
+    stats[source] with topk_vals / topk_idx (N, K) for each source a top-K route reads.
+    """
+    n, hs = hidden.shape
+    inv_tau = 1.0 / config.temperature
+    device = hidden.device
+    specs = list(enumerate(config.routes))
+    weights = torch.tensor([config.route_weight(r) if s.support == "topk" else 0.0 for r, s in specs],
+                           dtype=torch.float32, device=device)
+    from_teacher = torch.tensor([s.support == "topk" and s.source == "teacher" for _, s in specs], device=device)
+    kinds = sorted({s.divergence for _, s in specs if s.support == "topk"})
+    kind_of = {kind: torch.tensor([s.support == "topk" and s.divergence == kind for _, s in specs], device=device)
+               for kind in kinds}
+    k = next(iter(stats.values())).topk_idx.shape[1]
+    chunk_rows = max(1, (config.chunk_size * weight.shape[0]) // max(1, k * hs))  # ~ the memory of a C x V chunk
+    for start in range(0, n, chunk_rows):
+        sl = slice(start, min(start + chunk_rows, n))
+        r = route[sl].clamp_min(0)
+        on = route[sl] >= 0
+        if len(stats) == 2:
+            pick_t = from_teacher[r][:, None]
+            idx = torch.where(pick_t, stats["teacher"].topk_idx[sl], stats["self"].topk_idx[sl])
+            vals = torch.where(pick_t, stats["teacher"].topk_vals[sl], stats["self"].topk_vals[sl])
+        else:
+            only = next(iter(stats.values()))
+            idx, vals = only.topk_idx[sl], only.topk_vals[sl]
+        h = hidden[sl].float()
+        w_rows = weight[idx].float()  # (C, K, Hs)
+        z = torch.bmm(w_rows, h[:, :, None]).squeeze(2)
+        if bias is not None:
+            z = z + bias[idx].float()
+        logp = (z * inv_tau).log_softmax(-1)
+        logp_src = vals.float().log_softmax(-1)
+        rw = torch.where(on, weights[r], 0.0)
+        loss = torch.zeros_like(rw)
+        dz = torch.zeros_like(logp)
+        for kind in kinds:
+            value, g = divergence_and_grad(logp, logp_src, kind, config.jsd_beta)
+            sel = on & kind_of[kind][r]
+            loss = loss + torch.where(sel, rw * value, 0.0)
+            dz = dz + torch.where(sel[:, None], rw[:, None] * g, 0.0)
+        per_token[sl] += loss
+        dz = dz * (red_w[sl] * inv_tau)[:, None]
+        if grads["hidden"] is not None:
+            grads["hidden"][sl] += torch.bmm(dz[:, None, :], w_rows).squeeze(1)
+        flat = idx.reshape(-1)
+        if grads["weight"] is not None:
+            grads["weight"].index_add_(0, flat, (dz[:, :, None] * h[:, None, :]).reshape(-1, hs))
+        if grads["bias"] is not None:
+            grads["bias"].index_add_(0, flat, dz.reshape(-1))
