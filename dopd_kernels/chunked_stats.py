@@ -68,5 +68,7 @@ def linear_stats(
         target_logit[start:stop] = z.gather(1, targets[start:stop, None]).squeeze(1)
         if top_k:
             torch.topk(z, top_k, dim=1, out=(topk_vals[start:stop], topk_idx[start:stop]))
-        lse[start:stop] = torch.logsumexp(z, dim=1)
+        # log-sum-exp in place on the chunk we own: max, then exp(z - max) summed (no extra C x V buffer)
+        zmax = z.amax(dim=1, keepdim=True)
+        lse[start:stop] = z.sub_(zmax).exp_().sum(dim=1).log_().add_(zmax.squeeze(1))
     return LinearStats(lse, target_logit, topk_vals, topk_idx)

@@ -69,11 +69,11 @@ def divergence_and_grad(ls: Tensor, lt: Tensor, kind: str, beta: float = 0.5) ->
         return value, s - t
     if kind == "jsd":
         lm = _log_mixture(ls, lt, beta)
-        d_sm = ls - lm  # finite: lm >= ls + log(1 - beta)
-        kl_sm = torch.where(s > 0, s * d_sm, torch.zeros_like(s)).sum(-1)
         kl_tm = _plogratio(lt, lm).sum(-1)
+        d_sm = lm.neg_().add_(ls)  # ls - lm, in lm's buffer; finite: lm >= ls + log(1 - beta)
+        kl_sm = (s * d_sm).sum(-1)  # s = 0 contributes 0: d_sm is finite
         value = beta * kl_tm + (1.0 - beta) * kl_sm
-        grad = (1.0 - beta) * s * (d_sm - kl_sm.unsqueeze(-1))
+        grad = d_sm.sub_(kl_sm.unsqueeze(-1)).mul_(s).mul_(1.0 - beta)
         return value, grad
     raise ValueError(f"divergence: unknown kind {kind!r}")
 
