@@ -102,7 +102,8 @@ class RouteConfig:
     ce_weight: weight of an optional hard-label cross-entropy term (needs ``hard_labels``).
     jsd_beta: beta of the generalized JSD, in (0, 1); 0.5 is JS.
     routes: the four RouteSpecs, in ROUTES order (tuples or dicts are accepted).
-    chunk_size: tokens per chunk on the PyTorch path: the memory knob (peak ~ a few x chunk x V floats).
+    chunk_size: tokens per chunk of the loss pass on the PyTorch path: the memory knob (peak about
+        5 x chunk_size x V floats; the statistics pass uses 4 x chunk_size tokens and one such buffer).
     stats_group: a torch.distributed process group: routing statistics over all its ranks.
     check_values: validate data-dependent inputs (finite hidden states, target ids in range). Costs one
         host synchronisation; turn off inside CUDA graphs once the inputs are trusted.
