@@ -7,6 +7,9 @@ Sizes: ``--bench-sizes small|default|large`` or ``DOPD_BENCH_SIZES``; device: CU
 
 from __future__ import annotations
 
+import tempfile
+from typing import Iterator
+
 import pytest
 
 from bench.harness import BenchContext
@@ -39,7 +42,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 @pytest.fixture(scope="session")
-def bench_ctx(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> BenchContext:
-    """Session context: inputs built once per shape and saved for the memory child processes."""
+def bench_ctx(request: pytest.FixtureRequest) -> Iterator[BenchContext]:
+    """Session context: inputs built once per shape and saved (for the memory child processes) in a
+    private temporary directory, removed at the end (hundreds of MB per shape)."""
     size_set = resolve_size_set(request.config.getoption("--bench-sizes"))
-    return BenchContext(str(tmp_path_factory.mktemp("bench-inputs")), size_set)
+    with tempfile.TemporaryDirectory(prefix="dopd-bench-") as workdir:
+        yield BenchContext(workdir, size_set)

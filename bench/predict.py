@@ -1,8 +1,9 @@
 """The cost model of ``shared/docs/dopd-method.md`` written out: predicted FLOPs and extra bytes per implementation.
 
 The report prints each prediction next to the measurement, so a memory blow-up or a slow path shows as a
-large measured/predicted ratio. Bytes are those allocated beyond the inputs (gradients included); they are
-lower bounds built from the tensors each algorithm cannot avoid, not a fit to the measurements.
+large measured/predicted ratio. Bytes are those allocated beyond the inputs (gradients included), summed over
+the tensors each algorithm has to build, not a fit to the measurements: an implementation that frees them
+early or fuses them (torch.compile) can stay below, one that keeps extra copies goes above.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def predicted_flops(impl: str, mode: str, s: BenchShape, n_ht: int) -> float:
 
 
 def predicted_bytes(impl: str, mode: str, s: BenchShape, n_ht: int, chunk: int = 256, top_k: int = 128) -> float:
-    """Lower bound of the extra bytes ``impl`` must allocate (see the per-branch comments)."""
+    """Predicted extra bytes of ``impl``: the sum of the tensors it has to build (see the per-branch comments)."""
     e = s.itemsize
     nv = s.n * s.v
     k = min(top_k, s.v)

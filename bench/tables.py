@@ -99,7 +99,7 @@ def comparison_table(rows: list[Row], mode: str) -> list[str]:
                    f" (HT-routed tokens: {first.n_ht}; route fractions "
                    + ", ".join(f"{k[5:]} {v:.2f}" for k, v in first.fractions.items()) + ")")
         out.append("")
-        out.append("| impl | median | IQR | rounds | peak extra memory | predicted (lower bound) | GFLOP/s "
+        out.append("| impl | median | IQR | rounds | peak extra memory | predicted memory | GFLOP/s "
                    + "".join(f"| {name} " for _, name in ratio_cols) + "|")
         out.append("|---" * (7 + len(ratio_cols)) + "|")
         for r in sorted(group, key=lambda r: r.median):
@@ -137,7 +137,7 @@ def scaling_lines(rows: list[Row]) -> list[str]:
                 f"- {impl}: time = {t_fit[0]:.3f} s + {t_fit[1] * 1e3:.3f} ms/token (R^2 {t_fit[2]:.3f}); memory = "
                 f"{fmt_bytes(m_fit[0])} + {m_fit[1] / 1024:.1f} KiB/token (R^2 {m_fit[2]:.3f}); an N x V fp32 "
                 f"tensor would add {4 * base.v / 1024:.0f} KiB/token, so the slope is "
-                f"{m_fit[1] / (4 * base.v):.3f} of one."
+                f"{m_fit[1] / (4 * base.v):.2f} of one."
             )
     out += [""] + fits + [""]
     vrows = sorted((r for r in rows if r.suite in ("scaling_v", "compare") and r.mode == "fwdbwd"
