@@ -76,12 +76,18 @@ def chunked_routed_loss(
 
     flat_valid = valid.reshape(-1).to(torch.bool)
     rows = flat_valid.nonzero().squeeze(1)  # compress to valid tokens (one host sync on CUDA)
-    h_s = student_hidden.reshape(-1, hs).detach().index_select(0, rows)
-    h_p = self_hidden.reshape(-1, hs).detach().index_select(0, rows)
-    h_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach().index_select(0, rows)
-    y = target_ids.reshape(-1).index_select(0, rows)
-    hard = None if hard_labels is None else hard_labels.reshape(-1).index_select(0, rows)
-    red_w = reduction_weights(valid.reshape(shape), config.reduction, cdtype).reshape(-1).index_select(0, rows)
+    every_row = rows.numel() == flat_valid.numel()
+
+    def compress(x: Tensor) -> Tensor:
+        """The valid rows of x (no copy when every row is valid)."""
+        return x if every_row else x.index_select(0, rows)
+
+    h_s = compress(student_hidden.reshape(-1, hs).detach())
+    h_p = compress(self_hidden.reshape(-1, hs).detach())
+    h_t = compress(teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach())
+    y = compress(target_ids.reshape(-1))
+    hard = None if hard_labels is None else compress(hard_labels.reshape(-1))
+    red_w = compress(reduction_weights(valid.reshape(shape), config.reduction, cdtype).reshape(-1))
 
     def projection(weight: Tensor, bias: Optional[Tensor]) -> Projection:
         return Projection(
@@ -147,8 +153,9 @@ def chunked_routed_loss(
 
     d_hidden = None
     if grads.hidden is not None:
-        d_hidden = torch.zeros(flat_valid.numel(), hs, dtype=cdtype, device=h_s.device)
-        d_hidden = d_hidden.index_copy_(0, rows, grads.hidden).reshape(student_hidden.shape)
+        d_hidden = grads.hidden if every_row else torch.zeros(
+            flat_valid.numel(), hs, dtype=cdtype, device=h_s.device).index_copy_(0, rows, grads.hidden)
+        d_hidden = d_hidden.reshape(student_hidden.shape)
     loss = _RoutedLossFunction.apply(
         loss_value.to(student_hidden.dtype if student_hidden.dtype == torch.float64 else torch.float32),
         None if d_hidden is None else d_hidden.to(student_hidden.dtype),
