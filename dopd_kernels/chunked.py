@@ -8,7 +8,7 @@ Pipeline (dopd-method.md, "Cost model"):
 4. loss/gradient pass (``chunked_losses``): full-vocabulary work only for rows on full/sampled
    routes (plus every row when a CE term is on), K gathered projection rows for top-K routes.
 The gradients are computed in the forward (closed forms, fp32 or fp64 accumulation) and handed to
-autograd through ``_RoutedLossFunction``, whose backward only scales them by grad_output.
+autograd through ``attach.attach_grads``, whose backward only scales them by grad_output.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 
+from .attach import attach_grads
 from .chunked_losses import GradBuffers, Projection, student_full_rows, topk_rows
 from .chunked_stats import linear_stats, scaled_logits
 from .config import RouteConfig
@@ -27,24 +28,6 @@ from .routing import route_tokens
 Tensor = torch.Tensor
 #: Tokens per statistics chunk = this x config.chunk_size (see chunked_routed_loss).
 STATS_CHUNK_FACTOR = 4
-
-
-class _RoutedLossFunction(torch.autograd.Function):
-    """Attaches precomputed gradients to (student_hidden, student_weight, student_bias).
-
-    forward(loss (), d_hidden (N, Hs)|None, d_weight (V, Hs)|None, d_bias (V,)|None, hidden, weight, bias)
-    -> loss; backward multiplies the saved gradients by the incoming scalar gradient.
-    """
-
-    @staticmethod
-    def forward(ctx, loss, d_hidden, d_weight, d_bias, hidden, weight, bias):  # noqa: D102
-        ctx.grads = (d_hidden, d_weight, d_bias)
-        return loss.clone()
-
-    @staticmethod
-    def backward(ctx, grad_loss):  # noqa: D102
-        scaled = [None if g is None else (g * grad_loss).to(g.dtype) for g in ctx.grads]
-        return (None, None, None, None, *scaled)
 
 
 def chunked_routed_loss(
@@ -156,7 +139,7 @@ def chunked_routed_loss(
         d_hidden = grads.hidden if every_row else torch.zeros(
             flat_valid.numel(), hs, dtype=cdtype, device=h_s.device).index_copy_(0, rows, grads.hidden)
         d_hidden = d_hidden.reshape(student_hidden.shape)
-    loss = _RoutedLossFunction.apply(
+    loss = attach_grads(
         loss_value.to(student_hidden.dtype if student_hidden.dtype == torch.float64 else torch.float32),
         None if d_hidden is None else d_hidden.to(student_hidden.dtype),
         None if grads.weight is None else grads.weight.to(student_weight.dtype),

@@ -26,14 +26,29 @@ Tensor = torch.Tensor
 
 
 def _plogratio(logp: Tensor, logq: Tensor) -> Tensor:
-    """p * (log p - log q) with the 0 * log 0 = 0 convention (p = exp(logp))."""
+    """p * (log p - log q) with the 0 * log 0 = 0 convention (p = exp(logp)).
+
+    The difference is masked *before* the product too: with logp = -inf, autograd of a plain
+    where(p > 0, p * diff, 0) would send 0 * inf = NaN through the branch it did not take.
+    """
     p = logp.exp()
-    return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p))
+    live = p > 0
+    diff = torch.where(live, logp - logq, torch.zeros_like(p))
+    return torch.where(live, p * diff, torch.zeros_like(p))
 
 
-def _log_mixture(ls: Tensor, lt: Tensor, beta: float) -> Tensor:
-    """log(beta t + (1 - beta) s), stable even where both probabilities underflow."""
-    return torch.logaddexp(lt + math.log(beta), ls + math.log1p(-beta))
+def _log_mixture(ls: Tensor, lt: Tensor, beta: float, differentiable: bool = False) -> Tensor:
+    """log(beta t + (1 - beta) s), stable even where both probabilities underflow.
+
+    Where both are exactly 0 (-inf logits) the value is -inf; ``differentiable`` also keeps autograd
+    finite there (logaddexp's derivative at (-inf, -inf) is NaN, and 0 * NaN is NaN).
+    """
+    a, b = lt + math.log(beta), ls + math.log1p(-beta)
+    if not differentiable:
+        return torch.logaddexp(a, b)
+    dead = torch.isneginf(a) & torch.isneginf(b)
+    safe = torch.logaddexp(torch.where(dead, 0.0, a), torch.where(dead, 0.0, b))
+    return torch.where(dead, float("-inf"), safe)
 
 
 def divergence(ls: Tensor, lt: Tensor, kind: str, beta: float = 0.5) -> Tensor:
@@ -46,7 +61,7 @@ def divergence(ls: Tensor, lt: Tensor, kind: str, beta: float = 0.5) -> Tensor:
     if kind == "fkl":
         return _plogratio(lt, ls).sum(-1)
     if kind == "jsd":
-        lm = _log_mixture(ls, lt, beta)
+        lm = _log_mixture(ls, lt, beta, differentiable=True)
         return beta * _plogratio(lt, lm).sum(-1) + (1.0 - beta) * _plogratio(ls, lm).sum(-1)
     raise ValueError(f"divergence: unknown kind {kind!r}")
 
@@ -75,8 +90,10 @@ def divergence_and_grad(ls: Tensor, lt: Tensor, kind: str, beta: float = 0.5) ->
     if kind == "jsd":
         lm = _log_mixture(ls, lt, beta)
         kl_tm = _plogratio_(lt, lm, lt.exp()).sum(-1)
-        d_sm = lm.neg_().add_(ls)  # ls - lm, in lm's buffer; finite: lm >= ls + log(1 - beta)
-        kl_sm = (s * d_sm).sum(-1)  # s = 0 contributes 0: d_sm is finite
+        # ls - lm, in lm's buffer; finite unless ls = -inf (a -inf logit: a masked vocabulary entry),
+        # where s = 0 and the entry contributes nothing.
+        d_sm = lm.neg_().add_(ls).masked_fill_(s == 0, 0.0)
+        kl_sm = (s * d_sm).sum(-1)
         value = beta * kl_tm + (1.0 - beta) * kl_sm
         grad = d_sm.sub_(kl_sm.unsqueeze(-1)).mul_(s).mul_(1.0 - beta)
         return value, grad

@@ -91,21 +91,24 @@ def _normalize(x: Tensor, config: RouteConfig) -> tuple[Tensor, Tensor, Tensor]:
     ``config.stats_group``.
     """
     pooled = _gather(x, config.stats_group)
-    cutoff = torch.nanquantile(pooled, 1.0 - config.trim) if pooled.numel() else pooled.new_tensor(float("nan"))
+    cutoff = (torch.nanquantile(pooled, 1.0 - config.trim) if pooled.numel()
+              else torch.full((), float("nan"), dtype=pooled.dtype, device=pooled.device))
     kept = pooled <= cutoff  # False for NaN (invalid) entries
     count = kept.sum().to(pooled.dtype).clamp_min(1.0)
     zero = torch.zeros_like(pooled)
     tiny = torch.finfo(pooled.dtype).tiny
     if config.normalize == "minmax":
-        lo = torch.where(kept, pooled, float("inf")).amin() if pooled.numel() else pooled.new_tensor(0.0)
-        hi = torch.where(kept, pooled, float("-inf")).amax() if pooled.numel() else pooled.new_tensor(0.0)
+        lo = torch.where(kept, pooled, float("inf")).amin() if pooled.numel() else zero.sum()
+        hi = torch.where(kept, pooled, float("-inf")).amax() if pooled.numel() else zero.sum()
         shift, scale = lo, (hi - lo).clamp_min(tiny)
     elif config.normalize == "zscore":
         mean = torch.where(kept, pooled, zero).sum() / count
         var = torch.where(kept, (pooled - mean) ** 2, zero).sum() / count
         shift, scale = mean, var.sqrt().clamp_min(tiny)
     else:  # "none"
-        shift, scale = pooled.new_tensor(0.0), pooled.new_tensor(1.0)
+        # torch.zeros/ones on the device, not new_tensor: a host-to-device copy cannot be graph-captured
+        shift = torch.zeros((), dtype=pooled.dtype, device=pooled.device)
+        scale = torch.ones((), dtype=pooled.dtype, device=pooled.device)
     # An empty batch leaves shift/scale infinite; invalid tokens are routed -1 regardless.
     shift = torch.nan_to_num(shift, nan=0.0, posinf=0.0, neginf=0.0)
     scale = torch.nan_to_num(scale, nan=1.0, posinf=1.0, neginf=1.0)

@@ -152,6 +152,11 @@ def validate_hidden_inputs(
         for name, h in (("student_hidden", student_hidden), ("self_hidden", self_hidden), ("teacher_hidden", teacher_hidden)):
             finite = torch.isfinite(h.detach()).all(-1) | ~valid
             checks.append((f"{name} has non-finite values at a valid position", finite.all()))
+        # Biases are V-sized: cheap. -inf is allowed (a masked vocabulary entry), NaN and +inf are not.
+        for name, bias in (("student_bias", student_bias), ("teacher_bias", teacher_bias), ("self_bias", self_bias)):
+            if bias is not None:
+                b = bias.detach()[:vocab]
+                checks.append((f"{name} has NaN or +inf values", (~torch.isnan(b) & (b != float("inf"))).all()))
         check_values(checks)
     return valid
 
@@ -177,7 +182,8 @@ def validate_logit_inputs(student_logits, teacher_logits, self_logits, target_id
                   "target_ids": target_ids, "mask": mask, "hard_labels": hard_labels})
     if config.check_values:
         checks = _value_checks(valid, mask, target_ids, hard_labels, vocab)
-        for name, z in (("student_logits", student_logits), ("self_logits", self_logits)):
+        for name, z in (("student_logits", student_logits), ("self_logits", self_logits),
+                        ("teacher_logits", teacher_logits[..., :vocab])):
             checks.append((f"{name} has NaN or +inf at a valid position",
                            ((~torch.isnan(z) & (z != float("inf"))).all(-1) | ~valid).all()))
         check_values(checks)

@@ -53,6 +53,8 @@ F64 = torch.float64
         (dict(teacher_hidden=torch.full((2, 4, 8), float("inf"), dtype=F64)), "teacher_hidden"),
         (dict(self_hidden=torch.full((2, 4, 6), float("-inf"), dtype=F64)), "self_hidden"),
         (dict(student_hidden=[[0.0]]), "student_hidden"),
+        (dict(student_bias=torch.full((11,), float("nan"), dtype=F64)), "student_bias"),
+        (dict(teacher_bias=torch.full((13,), float("inf"), dtype=F64)), "teacher_bias"),
     ],
 )
 def test_bad_argument_is_named(changes, name):
@@ -115,6 +117,7 @@ def test_unknown_preset_and_preset_routes():
         (dict(teacher=torch.randn(2, 2, 5)), "teacher_logits"),
         (dict(targets=torch.zeros(2, 2, dtype=torch.int64)), "target_ids"),
         (dict(student=torch.full((2, 3, 5), float("nan")), selfl=torch.zeros(2, 3, 5)), "student_logits"),
+        (dict(teacher=torch.full((2, 3, 6), float("nan"))), "teacher_logits"),
     ],
 )
 def test_bad_logits_are_named(changes, name):

@@ -34,6 +34,7 @@ from typing import Optional
 
 import torch
 
+from ..attach import attach_grads
 from ..chunked import chunked_routed_loss
 from ..config import RouteConfig
 from ..output import RoutedLossOutput
@@ -45,21 +46,6 @@ from .stats import fused_linear_stats
 from .topk import topk_rows
 
 Tensor = torch.Tensor
-
-
-class _AttachGrads(torch.autograd.Function):
-    """forward(loss, d_hidden, d_weight, d_bias, hidden, weight, bias) -> loss; backward scales the saved grads."""
-
-    @staticmethod
-    def forward(ctx, loss, d_hidden, d_weight, d_bias, hidden, weight, bias):  # noqa: D102
-        ctx.grads = (d_hidden, d_weight, d_bias)
-        return loss.clone()
-
-    @staticmethod
-    def backward(ctx, grad_loss):  # noqa: D102
-        scaled = [None if g is None else (g * grad_loss).to(g.dtype) for g in ctx.grads]
-        ctx.grads = None
-        return (None, None, None, None, *scaled)
 
 
 def _table(config: RouteConfig, fn, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -169,7 +155,7 @@ def triton_routed_loss(
         per_token = torch.where(flat_valid, per_token, 0.0)
         loss_value = (per_token * red_w).sum()
 
-    loss = _AttachGrads.apply(
+    loss = attach_grads(
         loss_value,
         None if grads["hidden"] is None else grads["hidden"].reshape(student_hidden.shape).to(student_hidden.dtype),
         None if grads["weight"] is None else grads["weight"].to(student_weight.dtype),

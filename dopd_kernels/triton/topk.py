@@ -53,7 +53,8 @@ def topk_rows(*, route: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor
         else:
             only = next(iter(stats.values()))
             idx, vals = only.topk_idx[sl], only.topk_vals[sl]
-        h = hidden[sl].float()
+        # Masked rows may hold non-finite hidden states (validation allows it): zero them, 0 * NaN is NaN.
+        h = torch.where(on[:, None], hidden[sl].float(), 0.0)
         w_rows = weight[idx].float()  # (C, K, Hs)
         z = torch.bmm(w_rows, h[:, :, None]).squeeze(2)
         if bias is not None:
