@@ -17,6 +17,7 @@ from typing import Any, Mapping, Optional
 import yaml
 
 PRESETS = ("dopd", "vanilla_opd", "vanilla_opd_sampled", "gkd", "opsd", "sdpo")
+SELF_MODELS = ("live", "frozen")
 
 
 class ConfigError(ValueError):
@@ -38,6 +39,10 @@ class TrainConfig:
     preset: str = "dopd"
     loss: dict = field(default_factory=dict)  # RouteConfig overrides, e.g. {"top_k": 64}
     loss_backend: str = "auto"
+    # The privileged self pass: "live" = the student's current weights (the paper); "frozen" = the
+    # initial student, fixed (SDFT/OPSD-style anchor: a small student can otherwise collapse the self
+    # routes by making its hinted and unhinted outputs agree on junk).
+    self_model: str = "live"
     # Contexts.
     student_template: str = "{prompt}"
     privileged_template: str = "{prompt}\n\n{privileged}"
@@ -81,6 +86,8 @@ class TrainConfig:
         """Check value ranges; raise :class:`ConfigError` with the field's name."""
         if self.preset not in PRESETS:
             raise ConfigError(f"preset must be one of {PRESETS}, got {self.preset!r}")
+        if self.self_model not in SELF_MODELS:
+            raise ConfigError(f"self_model must be one of {SELF_MODELS}, got {self.self_model!r}")
         positive = ("num_generations", "max_new_tokens", "prompts_per_step", "grad_accum", "max_steps",
                     "log_every", "eval_batch_size", "keep_checkpoints")
         for name in positive:

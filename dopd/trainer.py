@@ -8,7 +8,6 @@ state is checkpointed, so ``--resume`` reproduces an uninterrupted run exactly.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -57,8 +56,11 @@ def route_config(config: TrainConfig) -> Any:
 
 
 def distill_loss(student: Any, teacher: Any, tokenizer: Any, template: PromptTemplate, records: Sequence[Record],
-                 config: TrainConfig, loss_config: Any) -> tuple[Any, dict[str, float]]:
-    """One micro-batch: sample, run the three passes, return (RoutedLossOutput, rollout stats)."""
+                 config: TrainConfig, loss_config: Any, self_model: Any = None) -> tuple[Any, dict[str, float]]:
+    """One micro-batch: sample, run the three passes, return (RoutedLossOutput, rollout stats).
+
+    ``self_model`` runs the privileged self pass (default: the live student).
+    """
     from dopd_kernels import routed_loss
 
     device = next(student.parameters()).device
@@ -73,14 +75,18 @@ def distill_loss(student: Any, teacher: Any, tokenizer: Any, template: PromptTem
     s_batch = build_pass_batch(student_ctx, roll.tokens, roll.mask, pad).to(device)
     p_batch = build_pass_batch(privileged_ctx, roll.tokens, roll.mask, pad).to(device)
     s_hidden = response_hidden(student, s_batch)
-    with torch.no_grad():  # self: live student weights, privileged context, stop-gradient
-        self_hidden = response_hidden(student, p_batch)
+    with torch.no_grad():  # self: privileged context, stop-gradient (live student weights by default)
+        self_hidden = response_hidden(self_model if self_model is not None else student, p_batch)
         teacher_hidden = response_hidden(teacher, p_batch)
     s_weight, s_bias = output_projection(student)
     t_weight, t_bias = output_projection(teacher)
+    self_proj = {}
+    if self_model is not None:
+        p_weight, p_bias = output_projection(self_model)
+        self_proj = {"self_weight": p_weight, "self_bias": p_bias}
     out = routed_loss(s_hidden, s_weight, teacher_hidden, t_weight, self_hidden, roll.tokens.to(device),
                       roll.mask.to(device), student_bias=s_bias, teacher_bias=t_bias, config=loss_config,
-                      backend=config.loss_backend)
+                      backend=config.loss_backend, **self_proj)
     stats = {"response_len": roll.lengths.float().mean().item(), "n_tokens": float(roll.mask.sum()),
              "time/generate": t_gen}
     return out, stats
@@ -108,15 +114,15 @@ class Trainer:
         student_path = self.resume_from or cfg.student
         self.tokenizer = load_tokenizer(cfg.tokenizer or cfg.student)
         check_pair(cfg.student, cfg.teacher, self.tokenizer, teacher_tokenizer(cfg.teacher))
-        for i, ids in enumerate(self.template.encode(self.tokenizer, self.records[:1], privileged=False)):
-            if not ids:
-                raise ValueError(f"record {i} renders to an empty context")
         # Models.
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         self.device = resolve_device(cfg.device)
         self.student = load_causal_lm(student_path, cfg.dtype, self.device, trainable=True)
         self.teacher = load_causal_lm(cfg.teacher, cfg.dtype, self.device, trainable=False)
+        # A frozen self is the *initial* student (cfg.student, also after --resume), never trained.
+        self.self_model = (load_causal_lm(cfg.student, cfg.dtype, self.device, trainable=False)
+                           if cfg.self_model == "frozen" else None)
         for m in (self.student, self.teacher):
             if maybe_apply_liger(m, self.device, cfg.use_liger):
                 self.log(f"Liger-Kernel patches applied to {type(m).__name__}")
@@ -168,7 +174,7 @@ class Trainer:
         for k in range(cfg.grad_accum):
             idx = batch_indices(self.step * cfg.grad_accum + k, len(self.records), cfg.prompts_per_step, cfg.seed)
             out, stats = distill_loss(self.student, self.teacher, self.tokenizer, self.template,
-                                      [self.records[i] for i in idx], cfg, self.loss_config)
+                                      [self.records[i] for i in idx], cfg, self.loss_config, self.self_model)
             (out.loss / cfg.grad_accum).backward()
             # Read everything from `out` now: its lazy student log-prob must see the pre-step weights.
             m = out.metrics(include_logprob=True)

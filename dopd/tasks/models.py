@@ -20,7 +20,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from dopd.data import PromptTemplate, Record
 from dopd.passes import left_pad
-from dopd.tasks.arithmetic import make_problems
+from dopd.tasks.chain import make_problems
 from dopd.tasks.tokenizer import ALPHABET
 
 #: Bump when the task or the training recipe changes, so stale caches are not reused.

@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerFast
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 #: Digits, lower-case letters and the punctuation the templates use; order fixes the ids forever
 #: (cached teachers depend on it), so only ever append to it.
-ALPHABET = string.digits + string.ascii_lowercase + "+-*=#:;,.?() \n"
+ALPHABET = string.digits + string.ascii_lowercase + "+-*=#:;,.?() \n<>"
 
 
 def build_char_tokenizer(alphabet: str = ALPHABET) -> PreTrainedTokenizerFast:
