@@ -29,7 +29,10 @@ class Blocks:
 
 
 #: H100/H200-class tiles (bf16 tl.dot, fp32 accumulators); not autotuned yet (no GPU in the build session).
-GPU_BLOCKS = Blocks(stats_n=128, stats_v=128, stats_h=64, stats_topk_n=64, mm_m=128, mm_n=128, mm_k=64,
+#: stats_topk_n: the bitonic top-K merge is unrolled over a (stats_topk_n, 128) int64 tile; compiling the
+#: statistics kernel for sm_90 (triton 3.9, no GPU needed) took 3.5 s at 16 rows and did not finish in
+#: 200 s at 32 or 64 rows (2026-11-28), so 16 until a GPU session finds a faster top-K scheme.
+GPU_BLOCKS = Blocks(stats_n=128, stats_v=128, stats_h=64, stats_topk_n=16, mm_m=128, mm_n=128, mm_k=64,
                     row_v=2048, num_warps=8, num_stages=3)
 #: Interpreter tiles: the smallest legal tl.dot tiles, so ragged test shapes hit every mask.
 INTERPRETER_BLOCKS = Blocks(stats_n=16, stats_v=16, stats_h=16, stats_topk_n=16, mm_m=16, mm_n=16, mm_k=16,
