@@ -41,16 +41,12 @@ from ..output import RoutedLossOutput
 from ..reduction import reduction_weights
 from ..routing import route_tokens
 from .blocks import blocks_for
-from .full_support import KIND_CODES, KIND_NONE, KIND_SAMPLED, Model, student_full_rows
+from .full_support import KIND_CODES, KIND_NONE, Model, student_full_rows
 from .stats import fused_linear_stats
+from .tables import route_tables
 from .topk import topk_rows
 
 Tensor = torch.Tensor
-
-
-def _table(config: RouteConfig, fn, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A per-route lookup table (4,) built from the route specs (indexed by route id)."""
-    return torch.tensor([fn(rid, spec) for rid, spec in enumerate(config.routes)], dtype=dtype, device=device)
 
 
 def triton_routed_loss(
@@ -124,17 +120,16 @@ def triton_routed_loss(
 
         full_specs = [s for s in config.routes if s.support in ("full", "sampled")]
         if full_specs or config.ce_weight > 0:
-            def code(_, s):
-                return KIND_CODES[s.divergence] if s.support == "full" else KIND_SAMPLED if s.support == "sampled" else KIND_NONE
-            kind = torch.where(route >= 0, _table(config, code, torch.int32, device)[r], KIND_NONE)
-            use_t = _table(config, lambda _, s: int(s.source == "teacher"), torch.int32, device)[r]
+            tables = route_tables(config, device)
+            kind = torch.where(route >= 0, tables.kind[r], KIND_NONE)
+            use_t = tables.use_teacher[r]
             needs_full = flat_valid if config.ce_weight > 0 else kind != KIND_NONE
             # Rows needing the full softmax first (grouped by route); the kernels stop at the device count.
             order = torch.argsort(torch.where(needs_full, route, len(config.routes)), stable=True)
             count = needs_full.sum().to(torch.int32).reshape(1)
             uses = {(s.source, s.support) for s in full_specs}
             per_row = dict(
-                y=y, yh=yh, kind=kind, rw=_table(config, lambda rid, _: config.route_weight(rid), torch.float32, device)[r],
+                y=y, yh=yh, kind=kind, rw=tables.weight[r],
                 use_t=use_t, lse_t=stats["teacher"].lse, lse_p=stats["self"].lse,
                 lsrc=torch.where(use_t != 0, lp_teacher, lp_self), red=red_w,
             )

@@ -20,6 +20,7 @@ import torch
 from ..chunked_stats import LinearStats
 from ..config import RouteConfig
 from ..divergences import divergence_and_grad
+from .tables import route_tables
 
 
 def topk_rows(*, route: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -33,13 +34,9 @@ def topk_rows(*, route: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor
     n, hs = hidden.shape
     inv_tau = 1.0 / config.temperature
     device = hidden.device
-    specs = list(enumerate(config.routes))
-    weights = torch.tensor([config.route_weight(r) if s.support == "topk" else 0.0 for r, s in specs],
-                           dtype=torch.float32, device=device)
-    from_teacher = torch.tensor([s.support == "topk" and s.source == "teacher" for _, s in specs], device=device)
-    kinds = sorted({s.divergence for _, s in specs if s.support == "topk"})
-    kind_of = {kind: torch.tensor([s.support == "topk" and s.divergence == kind for _, s in specs], device=device)
-               for kind in kinds}
+    tables = route_tables(config, device)
+    weights, from_teacher, kind_of = tables.topk_weight, tables.topk_from_teacher, tables.topk_kind
+    kinds = sorted(kind_of)
     k = next(iter(stats.values())).topk_idx.shape[1]
     chunk_rows = max(1, (config.chunk_size * weight.shape[0]) // max(1, k * hs))  # ~ the memory of a C x V chunk
     for start in range(0, n, chunk_rows):
