@@ -141,12 +141,34 @@ def apply_overrides(config: TrainConfig, overrides: Mapping[str, Any]) -> TrainC
     unknown = sorted(set(overrides) - set(_FIELDS))
     if unknown:
         raise ConfigError(f"unknown config field(s) {unknown}; known: {sorted(_FIELDS)}")
-    values = dict(overrides)
+    hints = typing.get_type_hints(TrainConfig)
+    values = {k: _coerce(k, v, hints[k]) for k, v in overrides.items()}
     if "loss" in values:  # merge, so that a flag adds to the YAML's loss options
         values["loss"] = {**config.loss, **(values["loss"] or {})}
     if "adam_betas" in values:
         values["adam_betas"] = tuple(values["adam_betas"])
     return dataclasses.replace(config, **values)
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """A YAML/flag value as the field's scalar type (PyYAML reads ``5e-6`` as a string), else ConfigError."""
+    target = next((t for t in (bool, int, float) if hint is t or t in typing.get_args(hint)), None)
+    if target is None or value is None or (isinstance(value, target) and not (target is int and isinstance(value, bool))):
+        return value
+    if target is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip().lower()
+        try:
+            if target is bool and text in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+                return text in ("true", "yes", "on", "1")
+            if target is int:
+                return int(text)
+            if target is float:
+                return float(text)
+        except ValueError:
+            pass
+    raise ConfigError(f"{name} must be a {target.__name__}, got {value!r}")
 
 
 def load_yaml(path: str) -> dict[str, Any]:

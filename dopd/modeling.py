@@ -97,10 +97,10 @@ def load_causal_lm(path: str, dtype: str, device: torch.device, trainable: bool)
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(device)
-    if trainable:
-        model.train()
-    else:
-        model.eval()
+    # Eval mode for every model, the trained one too (as TRL does): dropout would make the student and
+    # self passes compute a different function from the one that sampled the responses.
+    model.eval()
+    if not trainable:
         model.requires_grad_(False)
     return model
 

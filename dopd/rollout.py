@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
+from transformers import GenerationConfig
 
 from dopd.passes import left_pad
 
@@ -76,6 +77,11 @@ def generate(
     eos = _eos_ids(tokenizer, model)
     was_training = model.training
     model.eval()
+    # Sample from the model's own distribution: a checkpoint's generation_config may carry
+    # repetition_penalty, no_repeat_ngram_size, min_new_tokens, suppress_tokens... which generate()
+    # would merge into any call. A bare config for the call's duration leaves only what we ask for.
+    shipped_config = model.generation_config
+    model.generation_config = GenerationConfig()
     try:
         kwargs: dict[str, Any] = dict(do_sample=do_sample, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
                                       eos_token_id=eos)
@@ -85,6 +91,7 @@ def generate(
             kwargs.update(temperature=None, top_p=None, top_k=None)
         out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), **kwargs)
     finally:
+        model.generation_config = shipped_config
         model.train(was_training)
     tokens = out[:, ids.shape[1]:].cpu()
     if tokens.shape[1] == 0:  # cannot happen with max_new_tokens >= 1, but keep shapes valid

@@ -180,6 +180,9 @@ class Trainer:
             m = out.metrics(include_logprob=True)
             m["student_entropy"] = -m.pop("student_logprob_mean")  # sampled-token estimate of the entropy
             rows.append({**m, **stats})
+        bad = [r["loss"] for r in rows if not math.isfinite(r["loss"])]
+        if bad:  # before the step: the weights stay as they were
+            raise FloatingPointError(f"non-finite loss at step {self.step + 1}: {bad[0]}")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.max_grad_norm or float("inf"))
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
@@ -190,8 +193,6 @@ class Trainer:
         elapsed = time.perf_counter() - t0
         merged.update({"lr": lr, "grad_norm": float(grad_norm), "time/step": elapsed,
                        "tokens_per_s": merged["n_tokens"] / elapsed})
-        if not math.isfinite(merged["loss"]):
-            raise FloatingPointError(f"non-finite loss at step {self.step}: {merged['loss']}")
         return merged
 
     def save(self) -> str:

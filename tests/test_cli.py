@@ -8,7 +8,7 @@ import torch
 import yaml
 
 from dopd.cli import main
-from dopd.config import ConfigError, TrainConfig, apply_overrides, resolve_config
+from dopd.config import ConfigError, TrainConfig, apply_overrides, load_yaml, resolve_config
 
 
 @pytest.fixture
@@ -138,3 +138,14 @@ def test_default_task_two_steps_through_cli(tmp_path, capsys, one_thread):
     assert main(["eval", "--model", str(out / "checkpoint-2"), "--data", str(out / "data" / "eval.jsonl"),
                  "--max-new-tokens", "8", "--limit", "4", "--output", str(tmp_path / "e.json")]) == 0
     assert json.load(open(tmp_path / "e.json"))["n"] == 4
+
+
+def test_yaml_scalars_are_coerced_to_field_types(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("learning_rate: 5e-6\nmax_steps: '12'\nuse_chat_template: 'no'\n")  # PyYAML: '5e-6' is a str
+    cfg = apply_overrides(TrainConfig(), load_yaml(str(path)))
+    assert cfg.learning_rate == 5e-6 and isinstance(cfg.learning_rate, float)
+    assert cfg.max_steps == 12 and cfg.use_chat_template is False
+    cfg.validate()
+    with pytest.raises(ConfigError, match="learning_rate"):
+        apply_overrides(TrainConfig(), {"learning_rate": "fast"})
