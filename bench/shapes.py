@@ -89,7 +89,9 @@ def suite_shapes(device: str, size_set: str) -> SuiteShapes:
             base = BenchShape(n=2048, hs=512, ht=1024, v=32768, dtype="float32", device=device)
         compare_n = {"small": (128, 256), "default": (512, 2048), "large": (512, 2048, 4096)}
         # 512 and 2048 come from the comparison suite; the report fits all points of one impl together.
-        scaling_n = {"small": (512,), "default": (1024, 4096), "large": (1024, 4096, 8192)}
+        # default: N = 512, 1024, 2048 (with the comparison suite) keeps the whole run near 10 minutes
+        # on 2 cores; bench/RESULTS.md also holds a 4096 point from a run with it (DOPD_BENCH_SIZES=large).
+        scaling_n = {"small": (512,), "default": (1024,), "large": (1024, 4096, 8192)}
         scaling_v = {"small": (8192,), "default": (8192, 65536), "large": (8192, 65536, 131072)}
     # The V sweep runs at the middle comparison N so that its V = base.v point is shared with `compare`.
     v_base = replace(base, n=compare_n[size_set][-1] if size_set == "small" else base.n)
