@@ -19,7 +19,7 @@ import torch
 
 from .attach import attach_grads
 from .chunked_losses import GradBuffers, Projection, student_full_rows, topk_rows
-from .chunked_stats import linear_stats, scaled_logits
+from .chunked_stats import linear_stats
 from .config import RouteConfig
 from .output import RoutedLossOutput
 from .reduction import reduction_weights
@@ -153,10 +153,9 @@ def chunked_routed_loss(
         """Student log-probs of the rows the loss pass did not need the full softmax for."""
         with torch.no_grad():
             todo = missing.nonzero().squeeze(1)
-            for chunk in todo.split(stats_chunk):
-                z = scaled_logits(h_s.index_select(0, chunk), student.weight, student.bias, inv_tau)
-                picked = z.gather(1, y.index_select(0, chunk)[:, None]).squeeze(1)
-                student_logprob.index_copy_(0, chunk, picked - torch.logsumexp(z, dim=1))
+            fresh = linear_stats(h_s.index_select(0, todo), student.weight, student.bias, y.index_select(0, todo),
+                                 inv_tau=inv_tau, top_k=0, chunk_size=stats_chunk)
+            student_logprob.index_copy_(0, todo, fresh.target_logprob)
             return scatter(student_logprob, cdtype)
 
     return RoutedLossOutput(

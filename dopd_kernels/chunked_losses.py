@@ -131,6 +131,34 @@ def _fold_full_grad(dz: Tensor, h: Tensor, chunk: Tensor, student: Projection, g
         grads.bias.add_(dz.sum(0))
 
 
+def gathered_logprobs(h: Tensor, idx: Tensor, weight: Tensor, bias: Optional[Tensor],
+                      inv_tau: float) -> tuple[Tensor, Tensor]:
+    """The student's log-probs renormalized over K ids per row, and the gathered projection rows.
+
+    h (C, H), idx (C, K) -> logp (C, K) and w_rows (C, K, H), both in h's dtype.
+    """
+    # embedding's gather is faster than advanced indexing on CPU
+    w_rows = torch.nn.functional.embedding(idx, weight).to(h.dtype)
+    z = torch.bmm(w_rows, h[:, :, None]).squeeze(2)
+    if bias is not None:
+        z = z + bias.index_select(0, idx.reshape(-1)).view_as(z).to(h.dtype)
+    return (z * inv_tau).log_softmax(-1), w_rows
+
+
+def fold_topk_grad(dz: Tensor, h: Tensor, w_rows: Tensor, idx: Tensor, weight_grad: Optional[Tensor],
+                   bias_grad: Optional[Tensor]) -> Tensor:
+    """Fold a (C, K) logit gradient into d weight / d bias (in place) and return d hidden (C, H).
+
+    dz must already carry the route weights, reduction weights and 1/tau.
+    """
+    flat_idx = idx.reshape(-1)
+    if weight_grad is not None:
+        weight_grad.index_add_(0, flat_idx, (dz[:, :, None] * h[:, None, :]).reshape(-1, h.shape[1]))
+    if bias_grad is not None:
+        bias_grad.index_add_(0, flat_idx, dz.reshape(-1))
+    return torch.bmm(dz[:, None, :], w_rows).squeeze(1)
+
+
 def topk_rows(
     rows: Tensor,
     source: str,
@@ -158,12 +186,7 @@ def topk_rows(
     for chunk in rows.split(chunk_rows):
         h = student_hidden.index_select(0, chunk).to(student.weight.dtype)
         idx = stats.topk_idx.index_select(0, chunk)
-        # (C, K, H) gathered rows; embedding's gather is faster than advanced indexing on CPU
-        w_rows = torch.nn.functional.embedding(idx, student.weight)
-        z = torch.bmm(w_rows, h[:, :, None]).squeeze(2)
-        if student.bias is not None:
-            z = z + student.bias.index_select(0, idx.reshape(-1)).view_as(z)
-        logp = (z * inv_tau).log_softmax(-1)
+        logp, w_rows = gathered_logprobs(h, idx, student.weight, student.bias, inv_tau)
         logp_src = stats.topk_vals.index_select(0, chunk).log_softmax(-1)
         loss = torch.zeros(chunk.numel(), dtype=logp.dtype, device=logp.device)
         dz = torch.zeros_like(logp) if grads.any else None
@@ -177,10 +200,6 @@ def topk_rows(
         if dz is None:
             continue
         dz.mul_((red_w.index_select(0, chunk) * inv_tau)[:, None])
+        d_hidden = fold_topk_grad(dz, h, w_rows, idx, grads.weight, grads.bias)
         if grads.hidden is not None:
-            grads.hidden.index_add_(0, chunk, torch.bmm(dz[:, None, :], w_rows).squeeze(1))
-        flat_idx = idx.reshape(-1)
-        if grads.weight is not None:
-            grads.weight.index_add_(0, flat_idx, (dz[:, :, None] * h[:, None, :]).reshape(-1, hs))
-        if grads.bias is not None:
-            grads.bias.index_add_(0, flat_idx, dz.reshape(-1))
+            grads.hidden.index_add_(0, chunk, d_hidden)

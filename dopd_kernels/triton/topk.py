@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 
+from ..chunked_losses import fold_topk_grad, gathered_logprobs
 from ..chunked_stats import LinearStats
 from ..config import RouteConfig
 from ..divergences import divergence_and_grad
@@ -52,11 +53,7 @@ def topk_rows(*, route: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor
             idx, vals = only.topk_idx[sl], only.topk_vals[sl]
         # Masked rows may hold non-finite hidden states (validation allows it): zero them, 0 * NaN is NaN.
         h = torch.where(on[:, None], hidden[sl].float(), 0.0)
-        w_rows = weight[idx].float()  # (C, K, Hs)
-        z = torch.bmm(w_rows, h[:, :, None]).squeeze(2)
-        if bias is not None:
-            z = z + bias[idx].float()
-        logp = (z * inv_tau).log_softmax(-1)
+        logp, w_rows = gathered_logprobs(h, idx, weight, bias, inv_tau)
         logp_src = vals.float().log_softmax(-1)
         rw = torch.where(on, weights[r], 0.0)
         loss = torch.zeros_like(rw)
@@ -68,10 +65,6 @@ def topk_rows(*, route: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor
             dz = dz + torch.where(sel[:, None], rw[:, None] * g, 0.0)
         per_token[sl] += loss
         dz = dz * (red_w[sl] * inv_tau)[:, None]
+        d_hidden = fold_topk_grad(dz, h, w_rows, idx, grads["weight"], grads["bias"])
         if grads["hidden"] is not None:
-            grads["hidden"][sl] += torch.bmm(dz[:, None, :], w_rows).squeeze(1)
-        flat = idx.reshape(-1)
-        if grads["weight"] is not None:
-            grads["weight"].index_add_(0, flat, (dz[:, :, None] * h[:, None, :]).reshape(-1, hs))
-        if grads["bias"] is not None:
-            grads["bias"].index_add_(0, flat, dz.reshape(-1))
+            grads["hidden"][sl] += d_hidden
