@@ -70,6 +70,11 @@ def _mask_and_labels(target_ids: Tensor, mask, hard_labels, config: RouteConfig,
     return valid
 
 
+def _below_posinf(x: Tensor) -> Tensor:
+    """Elementwise: not NaN and not +inf (-inf is a masked vocabulary entry, which is allowed)."""
+    return x < float("inf")
+
+
 def check_values(checks: list[tuple[str, Tensor]]) -> None:
     """Raise a ValueError naming the first failing check; ``checks`` are (message, 0-d bool ok) pairs.
 
@@ -156,7 +161,7 @@ def validate_hidden_inputs(
         for name, bias in (("student_bias", student_bias), ("teacher_bias", teacher_bias), ("self_bias", self_bias)):
             if bias is not None:
                 b = bias.detach()[:vocab]
-                checks.append((f"{name} has NaN or +inf values", (~torch.isnan(b) & (b != float("inf"))).all()))
+                checks.append((f"{name} has NaN or +inf values", _below_posinf(b).all()))
         check_values(checks)
     return valid
 
@@ -185,6 +190,6 @@ def validate_logit_inputs(student_logits, teacher_logits, self_logits, target_id
         for name, z in (("student_logits", student_logits), ("self_logits", self_logits),
                         ("teacher_logits", teacher_logits[..., :vocab])):
             checks.append((f"{name} has NaN or +inf at a valid position",
-                           ((~torch.isnan(z) & (z != float("inf"))).all(-1) | ~valid).all()))
+                           (_below_posinf(z).all(-1) | ~valid).all()))
         check_values(checks)
     return valid
