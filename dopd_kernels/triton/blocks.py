@@ -14,29 +14,37 @@ import torch
 
 @dataclass(frozen=True)
 class Blocks:
-    """Tiles: stats (token x vocab x hidden), matmul (m x n x k), row sweeps (vocab), warps."""
+    """Tiles: stats (token x vocab x hidden), stats token block with top-K, keys per top-K compaction pass
+    (token block x list chunk),
+    matmul (m x n x k), row sweeps (vocab), top-K gather/scatter tiles (ids x hidden), warps."""
 
     stats_n: int
     stats_v: int
     stats_h: int
-    stats_topk_n: int
+    topk_n: int
+    topk_chunk_keys: int
     mm_m: int
     mm_n: int
     mm_k: int
     row_v: int
+    gather_k: int
+    gather_h: int
     num_warps: int
     num_stages: int
 
 
-#: H100/H200-class tiles (bf16 tl.dot, fp32 accumulators); not autotuned yet (no GPU in the build session).
-#: stats_topk_n: the bitonic top-K merge is unrolled over a (stats_topk_n, 128) int64 tile; compiling the
-#: statistics kernel for sm_90 (triton 3.9, no GPU needed) took 3.5 s at 16 rows and did not finish in
-#: 200 s at 32 or 64 rows (2026-11-28), so 16 until a GPU session finds a faster top-K scheme.
-GPU_BLOCKS = Blocks(stats_n=128, stats_v=128, stats_h=64, stats_topk_n=16, mm_m=128, mm_n=128, mm_k=64,
-                    row_v=2048, num_warps=8, num_stages=3)
+#: H100/H200-class tiles (bf16 tl.dot, fp32 accumulators); not autotuned yet (no GPU in the build sessions).
+#: wgmma use for sm_90 is checked by tests/test_triton_compile.py. ptxas (CUDA 12.9, sm_90a, 8 warps, the
+#: launcher's 16-divisibility, 2026-11-28) for the statistics kernel: without top-K, 128 rows: 194
+#: registers, no spills. With the top-K candidate list (K = 128): 128 rows spill 4.8 KB per thread (1.4 KB
+#: of it without the cut code, i.e. in the per-tile append), 64 rows 1.3 KB (~0.24 KB per-tile). Hence
+#: topk_n = 64 until a GPU says otherwise (bench/gpu_check.sh times the statistics pass with and without
+#: top-K); 64 rows is also the smallest wgmma tile (32 rows falls back to mma.sync).
+GPU_BLOCKS = Blocks(stats_n=128, stats_v=128, stats_h=64, topk_n=64, topk_chunk_keys=4096, mm_m=128, mm_n=128,
+                    mm_k=64, row_v=2048, gather_k=32, gather_h=256, num_warps=8, num_stages=3)
 #: Interpreter tiles: the smallest legal tl.dot tiles, so ragged test shapes hit every mask.
-INTERPRETER_BLOCKS = Blocks(stats_n=16, stats_v=16, stats_h=16, stats_topk_n=16, mm_m=16, mm_n=16, mm_k=16,
-                            row_v=16, num_warps=4, num_stages=1)
+INTERPRETER_BLOCKS = Blocks(stats_n=16, stats_v=16, stats_h=16, topk_n=16, topk_chunk_keys=1024, mm_m=16, mm_n=16, mm_k=16,
+                            row_v=16, gather_k=16, gather_h=16, num_warps=4, num_stages=1)
 
 
 def blocks_for(device: torch.device) -> Blocks:

@@ -4,28 +4,42 @@ Design note (cost model of dopd-method.md; N tokens, V vocabulary, HT = tokens o
 --------------------------------------------------------------------------------------------------------
 Stages (all on the device, no host sync, so the loss can be captured in a CUDA graph):
 1. ``stats.py``  self and teacher: fused h W^T tiles + online lse + target logit + streaming top-K
-   (packed int64 keys, bitonic merge). 2 GEMMs over all N (N Hs V + N Ht V MACs); writes O(N x splits x K).
+   (``candidates.py``: threshold compare, list append, exact cut to K). 2 GEMMs over all N (N Hs V + N Ht V
+   MACs); writes O(N x splits x CAP) candidates.
 2. ``routing.route_tokens`` (shared, on device) on the two target log-probs.
 3. ``full_support.py``  rows needing the student's full softmax (HT for DOPD; all rows for vanilla OPD,
    GKD, SDPO; plus every row when ce_weight > 0), sorted to the front; per chunk of C rows: z_s, z_src
    GEMMs into a C x V fp32 scratch, a row kernel (student lse, value, dz in place), dh and dW GEMMs with
    fp32 accumulation: the floor's 4 GEMMs over HT + ~40 bytes x V per row of scratch traffic.
-4. ``topk.py``  top-K routes: gather K rows of W_s per token (torch), renormalized KL and its gradient.
+4. ``topk.py``  top-K routes: a gather kernel for the student's K logits, the renormalized divergence
+   and its gradient in torch on (N, K), a scatter kernel into d h / d W / d b.
 Gradients are finished in the forward and attached by ``_AttachGrads`` (backward = scale by grad_output).
 
-Predicted H200 time, N=16384, Hs=2048, Ht=4096, V=151936, bf16, HT fraction 0.25 (no GPU in this session):
+Predicted H200 time, N=16384, Hs=2048, Ht=4096, V=151936, bf16, HT fraction 0.25, K=128 (not measured:
+no GPU has been lent to a build session yet):
     floor (cuBLAS at ~700 TFLOP/s): self 10.2 + teacher 20.4 + HT (2.6 + 5.1 + 2.6 + 2.6) = 43.4 TFLOP ~ 62 ms
-    stage 1: 30.6 TFLOP at ~600 TFLOP/s (Triton tiles) ~ 51 ms, plus the top-K merges: 35 compare-and-swap
-             stages over 64 x 128 keys per tile, comparable to a tile's GEMM at Hs = 2048 when every tile
-             must merge (i.i.d. logits); skipped for tiles with no key above the kept K-th (peaked LM rows):
-             +5 to +30 ms
+    stage 1: 30.6 TFLOP in 64 x 128 wgmma tiles (the top-K tile: blocks.py) at ~450-600 TFLOP/s ~ 51-68 ms
+             for the GEMM, plus the per-tile epilogues that do not overlap it (one 255-register CTA per SM):
+             the log-sum-exp ~0.6K and the top-K compare / row scan / append ~1.6K instructions per thread
+             and tile (SASS, sm_90) against ~7 us of MMA per tile, ~+30 %; the list cuts (~6 per program,
+             32-step bisections over a 512-slot list) ~+5 % -> ~68-90 ms. An unfused alternative (per chunk a
+             cuBLAS bf16 GEMM with fp32 output, 20 GB of chunk write + read per model, then a row kernel)
+             predicts ~58 ms; it is not built (the torch path's linear_stats is not it: it upcasts bf16 to
+             fp32 GEMMs). The statistics benchmarks (triton, triton_nok, floor_alg) decide on a GPU.
     stage 3: 12.8 TFLOP ~ 20 ms + scratch sweeps (25 GB) ~ 5 ms + dW fp32 read/write per chunk
              (2.5 GB x HT / C: 16 chunks at C = 256) ~ 8 ms  (C = config.chunk_size; 512 halves this)
-    stage 4: ~80 GB of gather / fp32 staging / index_add_ traffic ~ 17 ms (a Triton gather kernel: ~6 ms)
-    total ~ 105-135 ms = 1.7-2.2x the floor: short of the issue's 1.3x goal. The measured gaps to close
-    first (on a GPU): the top-K stage in Triton, the merge filter, C, and autotuned tiles.
-Extra memory: 2 C x V fp32 scratch (311 MB at C = 256) + O(N x splits x K) stats + the top-K chunk
-    (~C x V floats) + fp32 gradient accumulators (N Hs + V Hs, the same as the torch path's).
+    stage 4: gathers 2 x 6.4 GB + 12.9 GB of fp32 atomics ~ 5-8 ms (the torch version it replaced: ~17 ms)
+    total ~ 108-130 ms = 1.75-2.1x the floor: short of the issue's 1.3x goal. By the same model the
+    previous design (a bitonic top-K merge that forced 16-row GEMM tiles, L2-bound at ~14 FLOP/byte) would
+    have been ~2.5-3.5x. What to measure first on a GPU: the statistics pass alone, triton with and without
+    top-K against torch (bench/test_compare.py's stats cases), blocks.topk_n 64 vs 128, C, and autotuned
+    tiles for stages 1 and 3.
+Extra memory: 2 C x V fp32 scratch (311 MB at C = 256) + the candidate lists of one statistics pass
+    (N x splits x CAP x 8 B = 134 MB at N = 16384, 64-row blocks so 2 splits, CAP = 512; the epilogue reads
+    only the K slots left by the kernel's last cut) + O(N x K) top-K tensors (~25 MB)
+    + the fp32 gradient accumulators (N Hs + V Hs floats: 134 MB + 1.24 GB at V = 151936, Hs = 2048; the
+    torch path's are the same). The fp32 d W accumulator alone exceeds the issue's 1 GB: it is the price
+    of fp32 accumulation for bf16 weights (Liger accumulates in the weight dtype, 0.62 GB).
 """
 
 from __future__ import annotations

@@ -5,14 +5,18 @@ never read; columns past ``vocab`` are -inf, never 0):
     z = (h W^T + b) / tau,   lse_n = logsumexp_v z,   target_n = z[y_n],   top-K of z (ids and values).
 Grid: (token blocks, vocabulary splits). Each program sweeps its split in BLOCK_V columns; each tile is
 ``tl.dot`` over BLOCK_H slices of the hidden size with an fp32 accumulator, folded into a running
-(max, sum-exp), the target logit and, when asked, a running top-BLOCK_V buffer of packed int64 keys
-(order-preserving float bits << 32 | vocab id) merged with the tile by a bitonic network. Splits give enough
-programs to fill the GPU at small N; their partial results (N x splits floats, N x splits x BLOCK_V keys)
-are combined by a tiny torch epilogue (logsumexp over splits, ``torch.topk`` over the candidates).
+(max, sum-exp), the target logit and, when asked, the row's top-K candidate list (``candidates.py``: a
+threshold compare per logit, an append of the few keys above it, an exact cut to K when a list fills).
+The top-K therefore costs no register buffer and no sorting network, and keeps the GEMM-sized token
+block (an earlier bitonic-merge design had to shrink the block to 16 rows to compile at all).
+Splits give enough programs to fill the GPU at small N; their partial results (N x splits floats, the
+N x splits x CAP candidate lists) are combined by a small torch epilogue (logsumexp over splits,
+``torch.topk`` over the live candidates).
 
 Shapes: hidden (N, H), weight (>= vocab, H), bias (>= vocab,) or None, targets (N,) in [0, vocab).
 FLOPs: 2 N H V.  Bytes: N H + V H (times ~N / (BLOCK_N x #SMs) re-reads, mostly served by L2 because all
-programs sweep the vocabulary in the same order) + O(N x splits x K) outputs.
+programs sweep the vocabulary in the same order) + N x splits x CAP x 8 candidate bytes (CAP = 512 at
+K = 128: 4 KB per token and split).
 """
 
 from __future__ import annotations
@@ -24,24 +28,30 @@ import triton
 import triton.language as tl
 
 from ..chunked_stats import LinearStats
-from .bitonic import merge_topk
 from .blocks import blocks_for, dot_dtype, next_pow2
+from .candidates import NO_ID, NO_ID_HOST, above, append, canonical, compact, list_capacity
 
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
-_INT64_MIN = tl.constexpr(-(2**63))  # a constexpr global: readable from @jit code
 
 
 @triton.jit
 def _tile_logits(h_ptr, w_ptr, rows, row_ok, cols, col_ok, hidden, stride_hn, stride_wv,
                  DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                  BLOCK_H: tl.constexpr):
-    """(BLOCK_N, BLOCK_V) fp32 tile of h[rows] @ W[cols]^T, zero where masked."""
+    """(BLOCK_N, BLOCK_V) fp32 tile of h[rows] @ W[cols]^T, zero where masked.
+
+    Addresses and masks are rebuilt each step on purpose: loop-carried pointer tensors and an unmasked
+    even-H variant both measured more ptxas spills for sm_90 (2026-11-28).
+    """
     acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
     for k0 in range(0, hidden, BLOCK_H):
         ks = k0 + tl.arange(0, BLOCK_H)
         k_ok = ks < hidden
-        a = tl.load(h_ptr + rows[:, None] * stride_hn + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(w_ptr + cols[None, :] * stride_wv + ks[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+        # int64 row offsets: N x H and V x H may pass 2^31 (1M tokens, or a 16384-wide teacher)
+        a = tl.load(h_ptr + rows.to(tl.int64)[:, None] * stride_hn + ks[None, :],
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(w_ptr + cols.to(tl.int64)[None, :] * stride_wv + ks[:, None],
+                    mask=col_ok[None, :] & k_ok[:, None], other=0.0)
         if IEEE:
             acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision="ieee")
         else:
@@ -50,10 +60,11 @@ def _tile_logits(h_ptr, w_ptr, rows, row_ok, cols, col_ok, hidden, stride_hn, st
 
 
 @triton.jit
-def _stats_kernel(h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, s_ptr, tgt_ptr, key_ptr,
+def _stats_kernel(h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, s_ptr, tgt_ptr, val_ptr, id_ptr, cnt_ptr,
                   n_rows, vocab, hidden, v_per_split, n_splits, stride_hn, stride_wv, inv_tau,
                   HAS_BIAS: tl.constexpr, TOPK: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, LOG_V: tl.constexpr):
+                  BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, KB: tl.constexpr,
+                  CAP: tl.constexpr, CH: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -64,7 +75,14 @@ def _stats_kernel(h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, s_ptr, tgt_ptr, key_ptr,
     run_max = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
     run_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
     tgt = tl.zeros([BLOCK_N], dtype=tl.float32)
-    keys = tl.full([BLOCK_N, BLOCK_V], _INT64_MIN, dtype=tl.int64)
+    out = rows * n_splits + pid_s
+    # Top-K: this program's CAP-slot candidate list per row (candidates.py), its fill and its threshold key
+    # (value, id), initially admitting every key.
+    v_base = val_ptr + out.to(tl.int64) * CAP
+    i_base = id_ptr + out.to(tl.int64) * CAP
+    count = tl.zeros([BLOCK_N], dtype=tl.int32)
+    t_val = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+    t_id = tl.full([BLOCK_N], NO_ID, dtype=tl.int32)
     for v0 in range(v_lo, v_hi, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_ok = cols < v_hi
@@ -79,29 +97,42 @@ def _stats_kernel(h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, s_ptr, tgt_ptr, key_ptr,
         run_max = new_max
         tgt += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
         if TOPK:
-            # Order-preserving int32 image of the float bits, then (value, id) packed in one int64 key.
-            bits = z.to(tl.int32, bitcast=True)
-            ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
-            blk = (ordered.to(tl.int64) << 32) | cols[None, :].to(tl.int64)
-            blk = tl.where(col_ok[None, :], blk, _INT64_MIN)
-            # Merge only when some key of the tile beats a row's current smallest kept key.
-            floor = tl.min(keys, axis=1)
-            if tl.max(tl.where(blk > floor[:, None], 1, 0)) > 0:
-                keys = merge_topk(keys, blk, BLOCK_N, BLOCK_V, LOG_V)
-    out = rows * n_splits + pid_s
+            zc = canonical(z)
+            # Rows past n_rows and columns past the split never enter.
+            take = row_ok[:, None] & col_ok[None, :] & above(zc, cols, t_val, t_id)
+            ids = tl.broadcast_to(cols[None, :], [BLOCK_N, BLOCK_V])
+            count = append(zc, ids, take, v_base, i_base, count)
+            if tl.max(count, axis=0) > CAP - BLOCK_V:  # the next tile could overflow some row: cut to KB
+                tl.debug_barrier()
+                t_val, t_id, count = compact(v_base, i_base, count, t_val, t_id, KB, BLOCK_N, CH)
+    if TOPK:
+        if tl.max(count, axis=0) > KB:  # a last cut: the epilogue then reads KB slots, not CAP
+            tl.debug_barrier()
+            t_val, t_id, count = compact(v_base, i_base, count, t_val, t_id, KB, BLOCK_N, CH)
+        tl.store(cnt_ptr + out, count, mask=row_ok)
     tl.store(m_ptr + out, run_max, mask=row_ok)
     tl.store(s_ptr + out, run_sum, mask=row_ok)
     tl.store(tgt_ptr + out, tgt, mask=row_ok)
-    if TOPK:
-        kcols = tl.arange(0, BLOCK_V)
-        tl.store(key_ptr + out[:, None] * BLOCK_V + kcols[None, :], keys, mask=row_ok[:, None])
+
+
+def encode_keys(vals: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """fp32 values and int32 ids -> int64 keys, as ``candidates.pack`` (larger value, then smaller id, first)."""
+    bits = vals.view(torch.int32)
+    ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    return (ordered.to(torch.int64) << 32) | (NO_ID_HOST - ids.to(torch.int64))
 
 
 def decode_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Packed int64 keys -> (fp32 values, int64 vocabulary ids); the inverse of the kernel's packing."""
+    """Packed int64 keys -> (fp32 values, int64 vocabulary ids); the inverse of ``encode_keys``.
+
+    An empty slot (INT64_MIN: only where a row has fewer than K keys, e.g. NaN logits of a masked token,
+    which never enter the candidate list) decodes to id 0 (so that later gathers stay in range) and a NaN
+    value; such rows are never on a route.
+    """
     ordered = (keys >> 32).to(torch.int32)
     bits = torch.where(ordered >= 0, ordered, ordered ^ 0x7FFFFFFF)
-    return bits.view(torch.float32), keys & 0xFFFFFFFF
+    ids = NO_ID_HOST - (keys & 0xFFFFFFFF)
+    return bits.view(torch.float32), torch.where(keys == -(2**63), 0, ids)
 
 
 def fused_linear_stats(
@@ -124,11 +155,7 @@ def fused_linear_stats(
     blocks = blocks_for(hidden.device)
     hidden = hidden.contiguous()
     weight = weight if weight.stride(1) == 1 else weight.contiguous()
-    if top_k:
-        block_v = max(16, next_pow2(top_k))  # the key buffer is one tile wide
-        block_n = blocks.stats_topk_n if block_v <= 128 else 16
-    else:
-        block_v, block_n = blocks.stats_v, blocks.stats_n
+    block_v, block_n = blocks.stats_v, blocks.topk_n if top_k else blocks.stats_n
     n_blocks = triton.cdiv(max(n, 1), block_n)
     v_blocks = triton.cdiv(vocab, block_v)
     if n_splits is None:  # enough programs for ~2 waves on the GPU; 2 splits under the interpreter (tests the merge)
@@ -136,22 +163,33 @@ def fused_linear_stats(
     n_splits = max(1, min(n_splits, v_blocks))
     v_per_split = triton.cdiv(v_blocks, n_splits) * block_v
     n_splits = triton.cdiv(vocab, v_per_split)  # no empty split
+    # Candidate slots per (row, split): never more than the split can fill (then no cut is ever needed),
+    # in powers of two so that the kernel is not recompiled for every split width.
+    cap = min(list_capacity(top_k, block_v), next_pow2(v_per_split + block_v)) if top_k else 1
+    # Cut passes read (block_n, chunk) list entries at a time: ~16 keys per thread on the GPU.
+    chunk = min(cap, max(16, blocks.topk_chunk_keys // block_n)) if top_k else 1
     f32 = dict(dtype=torch.float32, device=hidden.device)
     run_max = torch.empty(n, n_splits, **f32)
     run_sum = torch.empty(n, n_splits, **f32)
     tgt = torch.empty(n, n_splits, **f32)
-    keys = torch.empty(n, n_splits, block_v if top_k else 1, dtype=torch.int64, device=hidden.device)
+    cand_vals = torch.empty(n, n_splits, cap, **f32)
+    cand_ids = torch.empty(n, n_splits, cap, dtype=torch.int32, device=hidden.device)
+    count = torch.zeros(n, n_splits, dtype=torch.int32, device=hidden.device)
     ddt = dot_dtype(hidden, weight)
     if n:
         _stats_kernel[(n_blocks, n_splits)](
-            hidden, weight, bias if bias is not None else weight, targets, run_max, run_sum, tgt, keys,
+            hidden, weight, bias if bias is not None else weight, targets, run_max, run_sum, tgt, cand_vals, cand_ids, count,
             n, vocab, h, v_per_split, n_splits, hidden.stride(0), weight.stride(0), float(inv_tau),
             HAS_BIAS=bias is not None, TOPK=bool(top_k), DOT_DTYPE=_TL_DTYPES[ddt], IEEE=ddt == torch.float32,
-            BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=blocks.stats_h, LOG_V=block_v.bit_length() - 1, num_warps=blocks.num_warps,
+            BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=blocks.stats_h, KB=max(top_k, 1), CAP=cap, CH=chunk,
+            num_warps=blocks.num_warps,
         )
     lse = torch.logsumexp(run_max + run_sum.log(), dim=1)
     out = LinearStats(lse=lse, target_logit=tgt.sum(1))
     if top_k:
-        best = torch.topk(keys.reshape(n, -1), top_k, dim=1).values
-        out.topk_vals, out.topk_idx = decode_keys(best)
+        # After the kernel's last cut each (row, split) holds <= K keys in its first slots.
+        kept = min(top_k, cap)
+        live = torch.arange(kept, device=hidden.device) < count[:, :, None]
+        keys = encode_keys(cand_vals[:, :, :kept], cand_ids[:, :, :kept]).masked_fill_(~live, -(2**63))
+        out.topk_vals, out.topk_idx = decode_keys(torch.topk(keys.reshape(n, -1), top_k, dim=1).values)
     return out
