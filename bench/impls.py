@@ -29,7 +29,8 @@ from dopd_kernels.chunked_stats import linear_stats
 from dopd_kernels.routing import route_tokens
 
 FWDBWD_IMPLS = ("reference", "naive", "liger", "liger_compiled", "floor_5gemm", "floor_alg", "torch", "triton")
-STATS_IMPLS = ("naive", "floor_alg", "torch")  # the Triton path has no stats-only entry point
+#: triton_nok: the Triton statistics pass without the top-K (the top-K's cost is triton - triton_nok).
+STATS_IMPLS = ("naive", "floor_alg", "torch", "triton", "triton_nok")
 #: Our implementations (run in the scaling sweeps) and the floor they are measured against.
 OURS = ("torch", "triton")
 FLOORS = ("floor_5gemm", "floor_alg")
@@ -37,7 +38,7 @@ FLOORS = ("floor_5gemm", "floor_alg")
 
 def skip_reason(impl: str, device: str) -> Optional[str]:
     """Why ``impl`` cannot run on ``device`` here, or None when it can."""
-    if impl == "triton":
+    if impl.startswith("triton"):
         if device != "cuda":
             return "backend='triton' needs CUDA (this machine has none)"
         try:
@@ -156,6 +157,20 @@ def _stats(impl: str, x: BenchInputs) -> Callable[[], object]:
                 return route_tokens(s_p.target_logprob, s_t.target_logprob, valid, config)
 
         return torch_stats
+    if impl in ("triton", "triton_nok"):
+        from dopd_kernels.triton.stats import fused_linear_stats
+
+        k_run = k if impl == "triton" else 0
+
+        def triton_stats() -> object:
+            # The same calls as stage 1 of dopd_kernels.triton.function (both sources need top-K under DOPD).
+            with torch.no_grad():
+                s_p = fused_linear_stats(h_s, w_s, None, y, vocab=x.shape.v, inv_tau=1.0, top_k=k_run)
+                s_t = fused_linear_stats(x.teacher_hidden, x.teacher_weight.detach(), None, y, vocab=x.shape.v,
+                                         inv_tau=1.0, top_k=k_run)
+                return route_tokens(s_p.target_logprob, s_t.target_logprob, valid, config)
+
+        return triton_stats
     if impl == "floor_alg":
 
         def stats_floor() -> None:

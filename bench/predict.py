@@ -44,6 +44,16 @@ def predicted_bytes(impl: str, mode: str, s: BenchShape, n_ht: int, chunk: int =
             return 2 * nv * e + 2 * nv * F32  # self + teacher logits and their log-softmax
         if impl == "floor_alg":
             return 2 * nv * e
+        if impl in ("triton", "triton_nok"):
+            # per source: (N, splits) fp32 partials; with top-K the (N, splits, CAP) fp32 + int32 candidate
+            # lists, the epilogue's (N, splits, K) int64 keys (~3 live temporaries) and the top-K outputs
+            from dopd_kernels.triton.candidates import list_capacity
+
+            splits = max(1, -(-264 // -(-s.n // 64)))  # GPU tiles: 64-row top-K blocks, ~2 waves of programs
+            partial = 3 * s.n * splits * F32
+            if impl == "triton_nok":
+                return partial
+            return partial + s.n * splits * (list_capacity(k, 128) * 8 + 3 * k * 8) + 2 * s.n * k * (F32 + 8)
         # chunk logits of one source + its exp inside logsumexp, and top-K values/ids of both sources
         return 2 * min(chunk, s.n) * s.v * F32 + 2 * s.n * k * (F32 + 8)
     if impl in ("reference", "naive"):
@@ -70,6 +80,8 @@ def prediction_note(impl: str, mode: str) -> str:
         return {
             "naive": "2 N.V logits + 2 N.V fp32 log-softmax",
             "floor_alg": "2 N.V GEMM outputs",
+            "triton": "N.splits.CAP candidate lists + N.splits.K keys + 2 N.K top-K",
+            "triton_nok": "3 N.splits fp32 partials",
         }.get(impl, "2 chunk.V fp32 + 2 N.K top-K")
     return {
         "reference": "3 N.V logits + 4 N.V fp64 (log-softmax x3, grad) + grads",
