@@ -29,8 +29,9 @@ from dopd_kernels.chunked_stats import linear_stats
 from dopd_kernels.routing import route_tokens
 
 FWDBWD_IMPLS = ("reference", "naive", "liger", "liger_compiled", "floor_5gemm", "floor_alg", "torch", "triton")
-#: triton_nok: the Triton statistics pass without the top-K (the top-K's cost is triton - triton_nok).
-STATS_IMPLS = ("naive", "floor_alg", "torch", "triton", "triton_nok")
+#: triton_nok: the Triton statistics pass without the top-K (the top-K's cost is triton - triton_nok);
+#: triton_2pass: its two-pass mode (Triton GEMM into fp32 chunk logits, then the same kernel reading them).
+STATS_IMPLS = ("naive", "floor_alg", "torch", "triton", "triton_nok", "triton_2pass")
 #: Our implementations (run in the scaling sweeps) and the floor they are measured against.
 OURS = ("torch", "triton")
 FLOORS = ("floor_5gemm", "floor_alg")
@@ -157,17 +158,18 @@ def _stats(impl: str, x: BenchInputs) -> Callable[[], object]:
                 return route_tokens(s_p.target_logprob, s_t.target_logprob, valid, config)
 
         return torch_stats
-    if impl in ("triton", "triton_nok"):
+    if impl in ("triton", "triton_nok", "triton_2pass"):
         from dopd_kernels.triton.stats import fused_linear_stats
 
-        k_run = k if impl == "triton" else 0
+        k_run = 0 if impl == "triton_nok" else k
+        mode = "two_pass" if impl == "triton_2pass" else "fused"
 
         def triton_stats() -> object:
             # The same calls as stage 1 of dopd_kernels.triton.function (both sources need top-K under DOPD).
             with torch.no_grad():
-                s_p = fused_linear_stats(h_s, w_s, None, y, vocab=x.shape.v, inv_tau=1.0, top_k=k_run)
+                s_p = fused_linear_stats(h_s, w_s, None, y, vocab=x.shape.v, inv_tau=1.0, top_k=k_run, impl=mode)
                 s_t = fused_linear_stats(x.teacher_hidden, x.teacher_weight.detach(), None, y, vocab=x.shape.v,
-                                         inv_tau=1.0, top_k=k_run)
+                                         inv_tau=1.0, top_k=k_run, impl=mode)
                 return route_tokens(s_p.target_logprob, s_t.target_logprob, valid, config)
 
         return triton_stats

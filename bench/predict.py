@@ -44,7 +44,7 @@ def predicted_bytes(impl: str, mode: str, s: BenchShape, n_ht: int, chunk: int =
             return 2 * nv * e + 2 * nv * F32  # self + teacher logits and their log-softmax
         if impl == "floor_alg":
             return 2 * nv * e
-        if impl in ("triton", "triton_nok"):
+        if impl in ("triton", "triton_nok", "triton_2pass"):
             # per source: (N, splits) fp32 partials; with top-K the (N, splits, CAP) fp32 + int32 candidate
             # lists, the epilogue's (N, splits, K) int64 keys (~3 live temporaries) and the top-K outputs
             from dopd_kernels.triton.candidates import list_capacity
@@ -53,7 +53,9 @@ def predicted_bytes(impl: str, mode: str, s: BenchShape, n_ht: int, chunk: int =
             partial = 3 * s.n * splits * F32
             if impl == "triton_nok":
                 return partial
-            return partial + s.n * splits * (list_capacity(k, 128) * 8 + 3 * k * 8) + 2 * s.n * k * (F32 + 8)
+            chunk_logits = min(512, s.n) * s.v * F32 if impl == "triton_2pass" else 0  # blocks.stats_chunk rows
+            lists = s.n * splits * (list_capacity(k, 128) * 8 + 3 * k * 8)
+            return partial + chunk_logits + lists + 2 * s.n * k * (F32 + 8)
         # chunk logits of one source + its exp inside logsumexp, and top-K values/ids of both sources
         return 2 * min(chunk, s.n) * s.v * F32 + 2 * s.n * k * (F32 + 8)
     if impl in ("reference", "naive"):
@@ -82,6 +84,7 @@ def prediction_note(impl: str, mode: str) -> str:
             "floor_alg": "2 N.V GEMM outputs",
             "triton": "N.splits.CAP candidate lists + N.splits.K keys + 2 N.K top-K",
             "triton_nok": "3 N.splits fp32 partials",
+            "triton_2pass": "512.V fp32 chunk logits + N.splits.CAP lists + N.splits.K keys + 2 N.K top-K",
         }.get(impl, "2 chunk.V fp32 + 2 N.K top-K")
     return {
         "reference": "3 N.V logits + 4 N.V fp64 (log-softmax x3, grad) + grads",

@@ -49,8 +49,13 @@ SCRIPT = textwrap.dedent(
                     {"HAS_BIAS": True, "TOPK": bool(k_top), "DOT_DTYPE": tl.bfloat16, "IEEE": False,
                      "BLOCK_N": B.topk_n if k_top else B.stats_n, "BLOCK_V": B.stats_v, "BLOCK_H": B.stats_h,
                      "KB": max(k_top, 1), "CAP": cap,
-                     "CH": min(cap, B.topk_chunk_keys // B.topk_n) if k_top else 1})
+                     "CH": min(cap, B.topk_chunk_keys // B.topk_n) if k_top else 1, "FROM_LOGITS": False})
         assert "wgmma.mma_async" in ptx, k_top  # Hopper tensor cores, not the mma.sync fallback
+    # two-pass mode: the same kernel reading fp32 logits (no tl.dot)
+    build(_stats_kernel, ["*fp32"] + stats_types[1:],
+          {"HAS_BIAS": False, "TOPK": True, "DOT_DTYPE": tl.bfloat16, "IEEE": False, "BLOCK_N": B.topk_n,
+           "BLOCK_V": B.stats_v, "BLOCK_H": B.stats_h, "KB": 128, "CAP": 512, "CH": B.topk_chunk_keys // B.topk_n,
+           "FROM_LOGITS": True})
     build(_mm_kernel, ["*bf16", "*bf16", "*fp32", "*fp32", "*i32"] + ["i32"] * 10 + ["fp32"],
           {"LIMIT_M": True, "LIMIT_K": False, "HAS_BIAS": True, "ACCUMULATE": True, "DOT_DTYPE": tl.bfloat16,
            "IEEE": False, "BLOCK_M": B.mm_m, "BLOCK_N": B.mm_n, "BLOCK_K": B.mm_k})

@@ -16,16 +16,19 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@pytest.mark.parametrize("impl", ["fused", "two_pass"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("n,vocab,hidden,k", [(19, 37, 24, 5), (5, 37, 17, 37), (7, 20, 33, 1), (3, 16, 16, 0)])
-def test_stats_kernel_matches_torch(dtype, n, vocab, hidden, k):
-    """lse, target logit and top-K over the first `vocab` rows (padding rows with huge logits are ignored)."""
+@pytest.mark.parametrize("n,vocab,hidden,k", [(19, 37, 24, 5), (5, 37, 17, 37), (7, 20, 33, 1), (3, 16, 16, 0),
+                                              (70, 45, 18, 6)])
+def test_stats_kernel_matches_torch(dtype, n, vocab, hidden, k, impl):
+    """lse, target logit and top-K over the first `vocab` rows (padding rows with huge logits are ignored),
+    fused or two-pass (N = 70 spans three 32-row chunks of the two-pass mode under the interpreter)."""
     h = torch.randn(n, hidden, device=DEVICE).to(dtype)
     w = torch.randn(vocab + 3, hidden, device=DEVICE).to(dtype)
     w[vocab:] = 50.0  # padding rows would dominate if they were read
     b = torch.randn(vocab + 3, device=DEVICE).to(dtype)
     y = torch.randint(0, vocab, (n,), device=DEVICE)
-    st = fused_linear_stats(h, w, b, y, vocab=vocab, inv_tau=0.7, top_k=k)
+    st = fused_linear_stats(h, w, b, y, vocab=vocab, inv_tau=0.7, top_k=k, impl=impl)
     z = (h.double() @ w[:vocab].double().T + b[:vocab].double()) * 0.7
     tol = 1e-4 if dtype == torch.float32 or DEVICE == "cpu" else 2e-2
     torch.testing.assert_close(st.lse.double(), z.logsumexp(1), rtol=tol, atol=tol)
@@ -60,10 +63,15 @@ def _expected_topk(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
 _CASES = ["random", "ties", "constant", "neg_inf", "rising", "falling", "mixed"]
 
 
-@pytest.mark.parametrize("case,n_splits,vocab,k", [(c, s, 53, 9) for c in _CASES for s in (1, 3)]
-                         + [(c, 1, 611, 20) for c in ("random", "ties", "rising", "falling", "mixed")]
-                         + [("constant", 2, 611, 3)])
-def test_stats_topk_streaming_order_and_edges(case, n_splits, vocab, k):
+@pytest.mark.parametrize(
+    "case,n_splits,vocab,k,impl",
+    [(c, s, 53, 9, "fused") for c in _CASES for s in (1, 3)]
+    + [(c, 1, 611, 20, "fused") for c in ("random", "ties", "rising", "falling", "mixed")]
+    + [("constant", 2, 611, 3, "fused")]
+    # the two-pass mode runs the same kernel on stored logits: a few cases cover its loads and row chunks
+    + [("ties", 3, 53, 9, "two_pass"), ("mixed", 1, 611, 20, "two_pass"), ("neg_inf", 2, 53, 9, "two_pass")],
+)
+def test_stats_topk_streaming_order_and_edges(case, n_splits, vocab, k, impl):
     """The streaming top-K keeps exactly the K largest keys in every arrangement that stresses the candidate
     list: many ties (smaller id wins; the select's id half), constant rows, fewer finite logits than K,
     logits rising along the vocabulary (every key enters, compaction every few tiles) and falling (nothing
@@ -91,7 +99,7 @@ def test_stats_topk_streaming_order_and_edges(case, n_splits, vocab, k):
             h[1::2, 1:] = 0.0
     h, w, b = h.to(DEVICE), w.to(DEVICE), b.to(DEVICE)
     y = torch.randint(0, vocab, (n,), device=DEVICE)
-    st = fused_linear_stats(h, w, b, y, vocab=vocab, inv_tau=1.0, top_k=k, n_splits=n_splits)
+    st = fused_linear_stats(h, w, b, y, vocab=vocab, inv_tau=1.0, top_k=k, n_splits=n_splits, impl=impl)
     z = (h.double() @ w.double().T + b.double()).float()
     vals, idx = _expected_topk(z, k)
     assert torch.equal(st.topk_idx.cpu(), idx)

@@ -98,3 +98,25 @@ def test_ce_temperature_token_mean_fkl_mix():
 
 def test_flat_tokens_without_padding_rows():
     check(RouteConfig.preset("gkd", reduction="sum"), shape=(18,), pad=0, hs=17)
+
+
+def test_dopd_with_two_pass_statistics(monkeypatch):
+    """The whole loss with the statistics pass in its two-pass mode (blocks.stats_impl), N = 40 rows so
+    that the interpreter's 32-row logit chunks are exercised twice."""
+    import dataclasses
+
+    from dopd_kernels.triton import blocks, stats
+
+    monkeypatch.setattr(blocks, "INTERPRETER_BLOCKS",
+                        dataclasses.replace(blocks.INTERPRETER_BLOCKS, stats_impl="two_pass"))
+    monkeypatch.setattr(blocks, "GPU_BLOCKS", dataclasses.replace(blocks.GPU_BLOCKS, stats_impl="two_pass"))
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args[1].shape[0])
+        return original(*args, **kwargs)
+
+    original = stats.matmul_into
+    monkeypatch.setattr(stats, "matmul_into", counted)
+    check(RouteConfig.preset("dopd"), shape=(4, 10))
+    assert 32 in calls and 8 in calls  # both passes (self, teacher) ran as chunks of 32 + 8 rows

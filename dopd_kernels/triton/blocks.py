@@ -14,13 +14,16 @@ import torch
 
 @dataclass(frozen=True)
 class Blocks:
-    """Tiles: stats (token x vocab x hidden), stats token block with top-K, keys per top-K compaction pass
+    """Tiles: stats (token x vocab x hidden), statistics pass "fused" | "two_pass" and the two-pass chunk
+    (rows), stats token block with top-K, keys per top-K compaction pass
     (token block x list chunk),
     matmul (m x n x k), row sweeps (vocab), top-K gather/scatter tiles (ids x hidden), warps."""
 
     stats_n: int
     stats_v: int
     stats_h: int
+    stats_impl: str
+    stats_chunk: int
     topk_n: int
     topk_chunk_keys: int
     mm_m: int
@@ -40,11 +43,14 @@ class Blocks:
 #: of it without the cut code, i.e. in the per-tile append), 64 rows 1.3 KB (~0.24 KB per-tile). Hence
 #: topk_n = 64 until a GPU says otherwise (bench/gpu_check.sh times the statistics pass with and without
 #: top-K); 64 rows is also the smallest wgmma tile (32 rows falls back to mma.sync).
-GPU_BLOCKS = Blocks(stats_n=128, stats_v=128, stats_h=64, topk_n=64, topk_chunk_keys=4096, mm_m=128, mm_n=128,
-                    mm_k=64, row_v=2048, gather_k=32, gather_h=256, num_warps=8, num_stages=3)
+#: stats_impl: "fused" (the issue's design) until a GPU measures "two_pass" (cost model: function.py).
+GPU_BLOCKS = Blocks(stats_n=128, stats_v=128, stats_h=64, stats_impl="fused", stats_chunk=512, topk_n=64,
+                    topk_chunk_keys=4096, mm_m=128, mm_n=128, mm_k=64, row_v=2048, gather_k=32, gather_h=256,
+                    num_warps=8, num_stages=3)
 #: Interpreter tiles: the smallest legal tl.dot tiles, so ragged test shapes hit every mask.
-INTERPRETER_BLOCKS = Blocks(stats_n=16, stats_v=16, stats_h=16, topk_n=16, topk_chunk_keys=1024, mm_m=16, mm_n=16, mm_k=16,
-                            row_v=16, gather_k=16, gather_h=16, num_warps=4, num_stages=1)
+INTERPRETER_BLOCKS = Blocks(stats_n=16, stats_v=16, stats_h=16, stats_impl="fused", stats_chunk=32, topk_n=16,
+                            topk_chunk_keys=1024, mm_m=16, mm_n=16, mm_k=16, row_v=16, gather_k=16, gather_h=16,
+                            num_warps=4, num_stages=1)
 
 
 def blocks_for(device: torch.device) -> Blocks:

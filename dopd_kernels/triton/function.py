@@ -22,14 +22,17 @@ no GPU has been lent to a build session yet):
              for the GEMM, plus the per-tile epilogues that do not overlap it (one 255-register CTA per SM):
              the log-sum-exp ~0.6K and the top-K compare / row scan / append ~1.6K instructions per thread
              and tile (SASS, sm_90) against ~7 us of MMA per tile, ~+30 %; the list cuts (~6 per program,
-             32-step bisections over a 512-slot list) ~+5 % -> ~68-90 ms. An unfused alternative (per chunk a
-             cuBLAS bf16 GEMM with fp32 output, 20 GB of chunk write + read per model, then a row kernel)
-             predicts ~58 ms; it is not built (the torch path's linear_stats is not it: it upcasts bf16 to
-             fp32 GEMMs). The statistics benchmarks (triton, triton_nok, floor_alg) decide on a GPU.
+             32-step bisections over a 512-slot list) ~+5 % -> ~68-90 ms. The two-pass mode (blocks.stats_impl:
+             per 512-row chunk a plain 128 x 128-tile GEMM writes fp32 logits, 20 GB written + read per
+             model, then the same kernel reads them; its epilogue is bound by instruction issue, ~6-8 ms per
+             model) predicts ~59-67 ms. The statistics benchmarks (triton, triton_2pass, triton_nok,
+             floor_alg) decide on a GPU; the default stays "fused", the issue's design, until then.
     stage 3: 12.8 TFLOP ~ 20 ms + scratch sweeps (25 GB) ~ 5 ms + dW fp32 read/write per chunk
              (2.5 GB x HT / C: 16 chunks at C = 256) ~ 8 ms  (C = config.chunk_size; 512 halves this)
     stage 4: gathers 2 x 6.4 GB + 12.9 GB of fp32 atomics ~ 5-8 ms (the torch version it replaced: ~17 ms)
-    total ~ 108-130 ms = 1.75-2.1x the floor: short of the issue's 1.3x goal. By the same model the
+    total ~ 108-130 ms = 1.75-2.1x the floor with the fused stage 1, ~99-107 ms = 1.6-1.75x with the
+    two-pass one (~92-100 ms if its GEMM were cuBLAS's, via torch.mm(..., out_dtype=torch.float32) on
+    CUDA: not used, untestable here): short of the issue's 1.3x goal either way. By the same model the
     previous design (a bitonic top-K merge that forced 16-row GEMM tiles, L2-bound at ~14 FLOP/byte) would
     have been ~2.5-3.5x. What to measure first on a GPU: the statistics pass alone, triton with and without
     top-K against torch (bench/test_compare.py's stats cases), blocks.topk_n 64 vs 128, C, and autotuned

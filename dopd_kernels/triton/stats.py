@@ -30,6 +30,7 @@ import triton.language as tl
 from ..chunked_stats import LinearStats
 from .blocks import blocks_for, dot_dtype, next_pow2
 from .candidates import NO_ID, NO_ID_HOST, above, append, canonical, compact, list_capacity
+from .matmul import matmul_into
 
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
@@ -64,7 +65,7 @@ def _stats_kernel(h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, s_ptr, tgt_ptr, val_ptr, id
                   n_rows, vocab, hidden, v_per_split, n_splits, stride_hn, stride_wv, inv_tau,
                   HAS_BIAS: tl.constexpr, TOPK: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, KB: tl.constexpr,
-                  CAP: tl.constexpr, CH: tl.constexpr):
+                  CAP: tl.constexpr, CH: tl.constexpr, FROM_LOGITS: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -86,8 +87,12 @@ def _stats_kernel(h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, s_ptr, tgt_ptr, val_ptr, id
     for v0 in range(v_lo, v_hi, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_ok = cols < v_hi
-        z = _tile_logits(h_ptr, w_ptr, rows, row_ok, cols, col_ok, hidden, stride_hn, stride_wv,
-                         DOT_DTYPE, IEEE, BLOCK_N, BLOCK_V, BLOCK_H)
+        if FROM_LOGITS:  # two-pass mode: h_ptr holds fp32 logits (N, V), already biased and scaled
+            z = tl.load(h_ptr + rows.to(tl.int64)[:, None] * stride_hn + cols[None, :],
+                        mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        else:
+            z = _tile_logits(h_ptr, w_ptr, rows, row_ok, cols, col_ok, hidden, stride_hn, stride_wv,
+                             DOT_DTYPE, IEEE, BLOCK_N, BLOCK_V, BLOCK_H)
         if HAS_BIAS:
             z += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         z = tl.where(col_ok[None, :], z * inv_tau, float("-inf"))
@@ -145,18 +150,27 @@ def fused_linear_stats(
     inv_tau: float,
     top_k: int = 0,
     n_splits: Optional[int] = None,
+    impl: Optional[str] = None,
 ) -> LinearStats:
     """Per-token lse, target logit and (``top_k`` > 0) top-K of ``(hidden @ weight[:vocab].T + b) * inv_tau``.
 
     hidden (N, H), weight (Vw >= vocab, H), bias (Vw,) or None, targets (N,) int64 in [0, vocab) (other ids
     give target_logit 0). Returns fp32 ``LinearStats``; topk_idx is int64 (N, top_k). No host sync.
+    ``impl`` (default ``blocks.stats_impl``): "fused" (the GEMM inside the statistics kernel) or "two_pass"
+    (per chunk of ``blocks.stats_chunk`` rows, ``matmul.py`` writes fp32 logits, then the same kernel reads
+    them: a C x V scratch and 8 V bytes of traffic per row, but the GEMM runs in plain 128-row tiles with
+    no epilogue beside it). Both give the same results; which is faster is for a GPU benchmark to say.
     """
     n, h = hidden.shape
     blocks = blocks_for(hidden.device)
+    impl = impl or blocks.stats_impl
+    if impl not in ("fused", "two_pass"):
+        raise ValueError(f"impl must be 'fused' or 'two_pass', got {impl!r}")
     hidden = hidden.contiguous()
     weight = weight if weight.stride(1) == 1 else weight.contiguous()
     block_v, block_n = blocks.stats_v, blocks.topk_n if top_k else blocks.stats_n
-    n_blocks = triton.cdiv(max(n, 1), block_n)
+    rows_per_launch = n if impl == "fused" else min(n, blocks.stats_chunk)
+    n_blocks = triton.cdiv(max(rows_per_launch, 1), block_n)
     v_blocks = triton.cdiv(vocab, block_v)
     if n_splits is None:  # enough programs for ~2 waves on the GPU; 2 splits under the interpreter (tests the merge)
         n_splits = 2 if hidden.device.type != "cuda" else triton.cdiv(264, n_blocks)
@@ -176,14 +190,30 @@ def fused_linear_stats(
     cand_ids = torch.empty(n, n_splits, cap, dtype=torch.int32, device=hidden.device)
     count = torch.zeros(n, n_splits, dtype=torch.int32, device=hidden.device)
     ddt = dot_dtype(hidden, weight)
-    if n:
-        _stats_kernel[(n_blocks, n_splits)](
-            hidden, weight, bias if bias is not None else weight, targets, run_max, run_sum, tgt, cand_vals, cand_ids, count,
-            n, vocab, h, v_per_split, n_splits, hidden.stride(0), weight.stride(0), float(inv_tau),
-            HAS_BIAS=bias is not None, TOPK=bool(top_k), DOT_DTYPE=_TL_DTYPES[ddt], IEEE=ddt == torch.float32,
-            BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=blocks.stats_h, KB=max(top_k, 1), CAP=cap, CH=chunk,
-            num_warps=blocks.num_warps,
-        )
+    meta = dict(TOPK=bool(top_k), DOT_DTYPE=_TL_DTYPES[ddt], IEEE=ddt == torch.float32, BLOCK_N=block_n,
+                BLOCK_V=block_v, BLOCK_H=blocks.stats_h, KB=max(top_k, 1), CAP=cap, CH=chunk,
+                num_warps=blocks.num_warps)
+
+    def launch(src: torch.Tensor, stride: int, start: int, rows: int, scale: float, with_bias: bool,
+               from_logits: bool) -> None:
+        sl = slice(start, start + rows)
+        _stats_kernel[(triton.cdiv(rows, block_n), n_splits)](
+            src, weight, bias if with_bias else weight, targets[sl], run_max[sl], run_sum[sl], tgt[sl],
+            cand_vals[sl], cand_ids[sl], count[sl], rows, vocab, h, v_per_split, n_splits, stride,
+            weight.stride(0), float(scale), HAS_BIAS=with_bias, FROM_LOGITS=from_logits, **meta)
+
+    if n and impl == "fused":
+        launch(hidden, hidden.stride(0), 0, n, inv_tau, bias is not None, False)
+    elif n:
+        logits = torch.empty(rows_per_launch, vocab, **f32)
+        total = torch.full((1,), n, dtype=torch.int32, device=hidden.device)  # device-side row count
+        w_t = weight[:vocab].T
+        b = None if bias is None else bias[:vocab]
+        for start in range(0, n, rows_per_launch):
+            rows = min(rows_per_launch, n - start)
+            matmul_into(logits[:rows], hidden[start:start + rows], w_t, blocks=blocks, count=total, row0=start,
+                        limit="m", bias=b, scale=inv_tau)
+            launch(logits, logits.stride(0), start, rows, 1.0, False, True)
     lse = torch.logsumexp(run_max + run_sum.log(), dim=1)
     out = LinearStats(lse=lse, target_logit=tgt.sum(1))
     if top_k:
