@@ -45,16 +45,18 @@ def predicted_bytes(impl: str, mode: str, s: BenchShape, n_ht: int, chunk: int =
         if impl == "floor_alg":
             return 2 * nv * e
         if impl in ("triton", "triton_nok", "triton_2pass"):
-            # per source: (N, splits) fp32 partials; with top-K the (N, splits, CAP) fp32 + int32 candidate
-            # lists, the epilogue's (N, splits, K) int64 keys (~3 live temporaries) and the top-K outputs
+            # per source: (N, splits) fp32 partials; with top-K the (rows per launch, splits, CAP) fp32 + int32
+            # candidate lists, the epilogue's (rows, splits, K) int64 keys (~3 live temporaries), the top-K
             from dopd_kernels.triton.candidates import list_capacity
 
-            splits = max(1, -(-264 // -(-s.n // 64)))  # GPU tiles: 64-row top-K blocks, ~2 waves of programs
+            # GPU tiles: 64-row top-K blocks, ~2 waves of programs; two-pass launches 512-row chunks
+            rows = min(512, s.n) if impl == "triton_2pass" else s.n
+            splits = max(1, -(-264 // -(-rows // 64)))
             partial = 3 * s.n * splits * F32
             if impl == "triton_nok":
                 return partial
-            chunk_logits = min(512, s.n) * s.v * F32 if impl == "triton_2pass" else 0  # blocks.stats_chunk rows
-            lists = s.n * splits * (list_capacity(k, 128) * 8 + 3 * k * 8)
+            chunk_logits = rows * s.v * F32 if impl == "triton_2pass" else 0
+            lists = rows * splits * (list_capacity(k, 128) * 8 + 3 * k * 8)
             return partial + chunk_logits + lists + 2 * s.n * k * (F32 + 8)
         # chunk logits of one source + its exp inside logsumexp, and top-K values/ids of both sources
         return 2 * min(chunk, s.n) * s.v * F32 + 2 * s.n * k * (F32 + 8)

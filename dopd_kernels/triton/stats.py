@@ -186,9 +186,12 @@ def fused_linear_stats(
     run_max = torch.empty(n, n_splits, **f32)
     run_sum = torch.empty(n, n_splits, **f32)
     tgt = torch.empty(n, n_splits, **f32)
-    cand_vals = torch.empty(n, n_splits, cap, **f32)
-    cand_ids = torch.empty(n, n_splits, cap, dtype=torch.int32, device=hidden.device)
-    count = torch.zeros(n, n_splits, dtype=torch.int32, device=hidden.device)
+    # Candidate lists for one launch's rows (all N when fused, one chunk when two-pass), reused per chunk.
+    cand_vals = torch.empty(rows_per_launch, n_splits, cap, **f32)
+    cand_ids = torch.empty(rows_per_launch, n_splits, cap, dtype=torch.int32, device=hidden.device)
+    count = torch.zeros(rows_per_launch, n_splits, dtype=torch.int32, device=hidden.device)
+    topk_vals = torch.empty(n, top_k, **f32)
+    topk_idx = torch.empty(n, top_k, dtype=torch.int64, device=hidden.device)
     ddt = dot_dtype(hidden, weight)
     meta = dict(TOPK=bool(top_k), DOT_DTYPE=_TL_DTYPES[ddt], IEEE=ddt == torch.float32, BLOCK_N=block_n,
                 BLOCK_V=block_v, BLOCK_H=blocks.stats_h, KB=max(top_k, 1), CAP=cap, CH=chunk,
@@ -199,8 +202,14 @@ def fused_linear_stats(
         sl = slice(start, start + rows)
         _stats_kernel[(triton.cdiv(rows, block_n), n_splits)](
             src, weight, bias if with_bias else weight, targets[sl], run_max[sl], run_sum[sl], tgt[sl],
-            cand_vals[sl], cand_ids[sl], count[sl], rows, vocab, h, v_per_split, n_splits, stride,
+            cand_vals, cand_ids, count, rows, vocab, h, v_per_split, n_splits, stride,
             weight.stride(0), float(scale), HAS_BIAS=with_bias, FROM_LOGITS=from_logits, **meta)
+        if top_k:
+            # After the kernel's last cut each (row, split) holds <= K keys in its first slots.
+            kept = min(top_k, cap)
+            live = torch.arange(kept, device=hidden.device) < count[:rows, :, None]
+            keys = encode_keys(cand_vals[:rows, :, :kept], cand_ids[:rows, :, :kept]).masked_fill_(~live, -(2**63))
+            topk_vals[sl], topk_idx[sl] = decode_keys(torch.topk(keys.reshape(rows, -1), top_k, dim=1).values)
 
     if n and impl == "fused":
         launch(hidden, hidden.stride(0), 0, n, inv_tau, bias is not None, False)
@@ -217,9 +226,5 @@ def fused_linear_stats(
     lse = torch.logsumexp(run_max + run_sum.log(), dim=1)
     out = LinearStats(lse=lse, target_logit=tgt.sum(1))
     if top_k:
-        # After the kernel's last cut each (row, split) holds <= K keys in its first slots.
-        kept = min(top_k, cap)
-        live = torch.arange(kept, device=hidden.device) < count[:, :, None]
-        keys = encode_keys(cand_vals[:, :, :kept], cand_ids[:, :, :kept]).masked_fill_(~live, -(2**63))
-        out.topk_vals, out.topk_idx = decode_keys(torch.topk(keys.reshape(n, -1), top_k, dim=1).values)
+        out.topk_vals, out.topk_idx = topk_vals, topk_idx
     return out
