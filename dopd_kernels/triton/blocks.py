@@ -10,6 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import triton.language as tl
+
+_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 
 @dataclass(frozen=True)
@@ -77,3 +80,9 @@ def dot_dtype(*tensors: torch.Tensor) -> torch.dtype:
     if dtypes == {torch.float16}:
         return torch.float16
     return torch.float32
+
+
+def dot_args(dtype: torch.dtype) -> dict:
+    """The kernels' tl.dot constexprs for operand ``dtype`` (from ``dot_dtype``): DOT_DTYPE, and IEEE for
+    fp32 operands (exact fp32 products, not TF32)."""
+    return {"DOT_DTYPE": _TL_DTYPES[dtype], "IEEE": dtype == torch.float32}

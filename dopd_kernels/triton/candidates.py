@@ -54,12 +54,10 @@ def pack(vals, ids):
 
 @triton.jit
 def unpack(keys):
-    """int64 keys -> (fp32 values, int32 ids); INT64_MIN (no threshold) gives (-inf, NO_ID): admits all."""
+    """int64 keys of real (value, id) pairs -> (fp32 values, int32 ids); the inverse of ``pack``."""
     ordered = (keys >> 32).to(tl.int32)
     bits = tl.where(ordered >= 0, ordered, ordered ^ 0x7FFFFFFF)
-    vals = tl.where(keys == INT64_MIN, float("-inf"), bits.to(tl.float32, bitcast=True))
-    ids = tl.where(keys == INT64_MIN, NO_ID, -(keys & 0xFFFFFFFF).to(tl.int32) + NO_ID)
-    return vals, ids
+    return bits.to(tl.float32, bitcast=True), -(keys & 0xFFFFFFFF).to(tl.int32) + NO_ID
 
 
 @triton.jit
@@ -119,9 +117,10 @@ def compact(v_base, i_base, count, t_val, t_id, KB: tl.constexpr, R: tl.constexp
 
     ``(t_val, t_id)`` is the current threshold; returns the new one and the new counts. Rows holding
     fewer than KB keys (never cut: a cut leaves exactly KB) are left alone and keep admitting every key.
-    Call after a barrier that orders the appends. (Triton cannot keep it out of line: noinline functions
-    take scalars only.)
+    Starts with a barrier that orders the program's appends before its reads. (Triton cannot keep it out
+    of line: noinline functions take scalars only.)
     """
+    tl.debug_barrier()
     need = count >= KB  # == KB: cut before and nothing entered since; its exact threshold is recomputed
     # Value half: the largest v with >= KB keys of value >= v (int64 arithmetic over the int32 range). The
     # current threshold's value is a lower bound: every listed key is at least the threshold.

@@ -17,10 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .blocks import Blocks, dot_dtype
-
-_TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
-
+from .blocks import Blocks, dot_args, dot_dtype
 
 @triton.jit
 def _mm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, count_ptr, row0, M, N, K,
@@ -77,7 +74,7 @@ def matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, blocks: 
         a, b, out, bias if bias is not None else out, count, row0, m, n, k,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1), float(scale),
         LIMIT_M=limit == "m", LIMIT_K=limit == "k", HAS_BIAS=bias is not None, ACCUMULATE=accumulate,
-        DOT_DTYPE=_TL[ddt], IEEE=ddt == torch.float32,
+        **dot_args(ddt),
         BLOCK_M=blocks.mm_m, BLOCK_N=blocks.mm_n, BLOCK_K=blocks.mm_k,
         num_warps=blocks.num_warps, num_stages=blocks.num_stages,
     )

@@ -28,12 +28,9 @@ import triton
 import triton.language as tl
 
 from ..chunked_stats import LinearStats
-from .blocks import blocks_for, dot_dtype, next_pow2
+from .blocks import blocks_for, dot_args, dot_dtype, next_pow2
 from .candidates import NO_ID, NO_ID_HOST, above, append, canonical, compact, list_capacity
 from .matmul import matmul_into
-
-_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
-
 
 @triton.jit
 def _tile_logits(h_ptr, w_ptr, rows, row_ok, cols, col_ok, hidden, stride_hn, stride_wv,
@@ -108,11 +105,9 @@ def _stats_kernel(h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, s_ptr, tgt_ptr, val_ptr, id
             ids = tl.broadcast_to(cols[None, :], [BLOCK_N, BLOCK_V])
             count = append(zc, ids, take, v_base, i_base, count)
             if tl.max(count, axis=0) > CAP - BLOCK_V:  # the next tile could overflow some row: cut to KB
-                tl.debug_barrier()
                 t_val, t_id, count = compact(v_base, i_base, count, t_val, t_id, KB, BLOCK_N, CH)
     if TOPK:
         if tl.max(count, axis=0) > KB:  # a last cut: the epilogue then reads KB slots, not CAP
-            tl.debug_barrier()
             t_val, t_id, count = compact(v_base, i_base, count, t_val, t_id, KB, BLOCK_N, CH)
         tl.store(cnt_ptr + out, count, mask=row_ok)
     tl.store(m_ptr + out, run_max, mask=row_ok)
@@ -192,10 +187,8 @@ def fused_linear_stats(
     count = torch.zeros(rows_per_launch, n_splits, dtype=torch.int32, device=hidden.device)
     topk_vals = torch.empty(n, top_k, **f32)
     topk_idx = torch.empty(n, top_k, dtype=torch.int64, device=hidden.device)
-    ddt = dot_dtype(hidden, weight)
-    meta = dict(TOPK=bool(top_k), DOT_DTYPE=_TL_DTYPES[ddt], IEEE=ddt == torch.float32, BLOCK_N=block_n,
-                BLOCK_V=block_v, BLOCK_H=blocks.stats_h, KB=max(top_k, 1), CAP=cap, CH=chunk,
-                num_warps=blocks.num_warps)
+    meta = dict(TOPK=bool(top_k), BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=blocks.stats_h, KB=max(top_k, 1),
+                CAP=cap, CH=chunk, num_warps=blocks.num_warps, **dot_args(dot_dtype(hidden, weight)))
 
     def launch(src: torch.Tensor, stride: int, start: int, rows: int, scale: float, with_bias: bool,
                from_logits: bool) -> None:
