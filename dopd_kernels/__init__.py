@@ -9,6 +9,7 @@
 from .api import RoutedDistillationLoss, routed_loss, routed_loss_from_logits
 from .config import PRESETS, ROUTES, RouteConfig, RouteSpec
 from .output import RoutedLossOutput
+from .transform import LogitTransform
 
 __all__ = [
     "routed_loss",
@@ -17,6 +18,7 @@ __all__ = [
     "RouteSpec",
     "RoutedLossOutput",
     "RoutedDistillationLoss",
+    "LogitTransform",
     "ROUTES",
     "PRESETS",
 ]

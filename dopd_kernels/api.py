@@ -10,6 +10,7 @@ from .chunked import chunked_routed_loss
 from .config import RouteConfig
 from .output import RoutedLossOutput
 from .reference import reference_from_logits, reference_routed_loss
+from .transform import LogitTransform, as_transform
 from .validation import as_config, validate_hidden_inputs, validate_logit_inputs
 
 Tensor = torch.Tensor
@@ -50,6 +51,9 @@ def routed_loss(
     hard_labels: Optional[Tensor] = None,
     config: Union[RouteConfig, str, None] = None,
     backend: str = "auto",
+    student_transform: Optional[LogitTransform] = None,
+    teacher_transform: Optional[LogitTransform] = None,
+    self_transform: Optional[LogitTransform] = None,
 ) -> RoutedLossOutput:
     """The DOPD routed distillation loss from hidden states and output projections.
 
@@ -67,6 +71,10 @@ def routed_loss(
         hard_labels: like target_ids, for the optional CE term (``config.ce_weight > 0``).
         config: a RouteConfig, a preset name ("dopd", "gkd", ...) or None (DOPD defaults).
         backend: "auto" (Triton on CUDA when installed, else torch), "torch", "reference", "triton".
+        student_transform, teacher_transform, self_transform: the models' logit post-processing
+            (``LogitTransform(scale, softcap)``: multiplier, then final soft-cap), applied right after the
+            projection and before ``config.temperature``. None is the identity; ``self_transform``
+            defaults to ``student_transform`` (the self pass is the student's model).
 
     Returns:
         RoutedLossOutput: ``loss`` (differentiable w.r.t. student_hidden, student_weight, student_bias)
@@ -78,9 +86,12 @@ def routed_loss(
         student_hidden, student_weight, teacher_hidden, teacher_weight, self_hidden, target_ids, mask,
         student_bias, teacher_bias, self_weight, self_bias, hard_labels, config,
     )
+    s_tf = as_transform("student_transform", student_transform)
     kwargs = dict(
         student_bias=student_bias, teacher_bias=teacher_bias, self_weight=self_weight, self_bias=self_bias,
-        hard_labels=hard_labels, config=config,
+        hard_labels=hard_labels, config=config, student_transform=s_tf,
+        teacher_transform=as_transform("teacher_transform", teacher_transform),
+        self_transform=s_tf if self_transform is None else as_transform("self_transform", self_transform),
     )
     args = (student_hidden, student_weight, teacher_hidden, teacher_weight, self_hidden, target_ids, valid)
     chosen = _resolve_backend(backend, student_hidden.device)

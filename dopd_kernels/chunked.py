@@ -21,6 +21,7 @@ from .attach import attach_grads
 from .chunked_losses import GradBuffers, Projection, student_full_rows, topk_rows
 from .chunked_stats import linear_stats
 from .config import RouteConfig
+from .transform import IDENTITY, LogitTransform
 from .output import RoutedLossOutput
 from .reduction import reduction_weights
 from .routing import route_tokens
@@ -45,12 +46,18 @@ def chunked_routed_loss(
     self_bias: Optional[Tensor] = None,
     hard_labels: Optional[Tensor] = None,
     config: RouteConfig,
+    student_transform: LogitTransform = IDENTITY,
+    teacher_transform: LogitTransform = IDENTITY,
+    self_transform: LogitTransform = IDENTITY,
 ) -> RoutedLossOutput:
     """The routed loss on the PyTorch path. Arguments as ``routed_loss`` (already validated).
 
     Shapes: hidden (*, H), target_ids / valid (*), student_weight (V, Hs), teacher_weight (Vt, Ht).
     Memory: O(chunk_size x V + N x K + V x Hs) beyond the inputs.
     """
+    if not (student_transform.is_identity and teacher_transform.is_identity and self_transform.is_identity):
+        raise NotImplementedError("chunked_routed_loss: logit transforms (scale/softcap) are not implemented on this backend "
+                                  "yet; use backend='reference'")
     shape = target_ids.shape
     vocab, hs = student_weight.shape
     cdtype = torch.float64 if torch.float64 in (student_hidden.dtype, student_weight.dtype) else torch.float32

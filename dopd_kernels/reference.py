@@ -15,6 +15,7 @@ from .config import RouteConfig
 from .divergences import divergence, sampled_pg
 from .output import RoutedLossOutput
 from .routing import route_tokens
+from .transform import IDENTITY, LogitTransform
 
 Tensor = torch.Tensor
 
@@ -34,24 +35,28 @@ def reference_routed_loss(
     self_bias: Optional[Tensor] = None,
     hard_labels: Optional[Tensor] = None,
     config: RouteConfig,
+    student_transform: LogitTransform = IDENTITY,
+    teacher_transform: LogitTransform = IDENTITY,
+    self_transform: LogitTransform = IDENTITY,
 ) -> RoutedLossOutput:
     """Full-logits routed loss from hidden states and output projections (float64 throughout).
 
     Shapes: hidden (*, H), weight (V, H) (teacher (Vt, H), rows >= V ignored), target_ids/valid (*).
-    The self pass uses ``student_weight`` detached unless ``self_weight`` is given.
+    The self pass uses ``student_weight`` detached unless ``self_weight`` is given. Each model's
+    ``*_transform`` post-processes its logits (autograd differentiates through it).
     """
     vocab = student_weight.shape[0]
     if self_weight is None:
         self_weight, self_bias = student_weight.detach(), None if student_bias is None else student_bias.detach()
 
-    def logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    def logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], transform: LogitTransform) -> Tensor:
         z = hidden.to(torch.float64) @ weight[:vocab].to(torch.float64).T
-        return z if bias is None else z + bias[:vocab].to(torch.float64)
+        return transform.apply(z if bias is None else z + bias[:vocab].to(torch.float64))
 
     with torch.no_grad():
-        teacher_logits = logits(teacher_hidden, teacher_weight, teacher_bias)
-        self_logits = logits(self_hidden, self_weight, self_bias)
-    student_logits = logits(student_hidden, student_weight, student_bias)
+        teacher_logits = logits(teacher_hidden, teacher_weight, teacher_bias, teacher_transform)
+        self_logits = logits(self_hidden, self_weight, self_bias, self_transform)
+    student_logits = logits(student_hidden, student_weight, student_bias, student_transform)
     return reference_from_logits(
         student_logits, teacher_logits, self_logits, target_ids, valid, hard_labels=hard_labels, config=config
     )

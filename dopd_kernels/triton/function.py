@@ -54,6 +54,7 @@ import torch
 from ..attach import attach_grads
 from ..chunked import chunked_routed_loss
 from ..config import RouteConfig
+from ..transform import IDENTITY, LogitTransform
 from ..output import RoutedLossOutput
 from ..reduction import reduction_weights
 from ..routing import route_tokens
@@ -81,12 +82,18 @@ def triton_routed_loss(
     self_bias: Optional[Tensor] = None,
     hard_labels: Optional[Tensor] = None,
     config: RouteConfig,
+    student_transform: LogitTransform = IDENTITY,
+    teacher_transform: LogitTransform = IDENTITY,
+    self_transform: LogitTransform = IDENTITY,
 ) -> RoutedLossOutput:
     """The routed loss with the Triton kernels. Arguments and results as ``chunked_routed_loss``.
 
     float64 inputs go to the PyTorch path (the kernels accumulate in fp32). Masked tokens are carried
     through the statistics pass (cost N, not the valid count) but never routed, weighted or reduced.
     """
+    if not (student_transform.is_identity and teacher_transform.is_identity and self_transform.is_identity):
+        raise NotImplementedError("triton_routed_loss: logit transforms (scale/softcap) are not implemented on this backend "
+                                  "yet; use backend='reference'")
     if torch.float64 in (student_hidden.dtype, student_weight.dtype, teacher_hidden.dtype, teacher_weight.dtype):
         return chunked_routed_loss(
             student_hidden, student_weight, teacher_hidden, teacher_weight, self_hidden, target_ids, valid,
