@@ -1,8 +1,8 @@
 """The step loop: rollouts -> three contexts -> three hidden-state passes -> routed loss -> AdamW.
 
 One optimizer step takes ``grad_accum`` micro-batches of ``prompts_per_step`` prompts, each with
-``num_generations`` sampled responses. The teacher is frozen; the self pass is the live student under
-no_grad with the privileged context. Data order is a function of (seed, micro-step) alone, and the RNG
+``num_generations`` sampled responses. The teacher is frozen; the self pass runs under no_grad with the
+privileged context, on the live student or a frozen/EMA copy (``dopd.self_model``). Data order is a function of (seed, micro-step) alone, and the RNG
 state is checkpointed, so ``--resume`` reproduces an uninterrupted run exactly.
 """
 
@@ -26,6 +26,7 @@ from dopd.modeling import (check_pair, load_causal_lm, load_tokenizer, maybe_app
                            teacher_tokenizer)
 from dopd.passes import build_pass_batch, output_projection, response_hidden
 from dopd.rollout import generate
+from dopd.self_model import make_self_model
 
 
 def batch_indices(micro_step: int, num_records: int, size: int, seed: int) -> list[int]:
@@ -49,10 +50,14 @@ def template_from(config: TrainConfig) -> PromptTemplate:
 
 
 def route_config(config: TrainConfig) -> Any:
-    """The loss's RouteConfig for the preset plus ``config.loss`` overrides."""
+    """The loss's RouteConfig for the preset plus ``config.loss`` overrides (``routes`` replaces the
+    preset's table, e.g. a route ablation with one weight set to 0)."""
     from dopd_kernels import RouteConfig
 
-    return RouteConfig.preset(config.preset, **config.loss)
+    loss = dict(config.loss)
+    routes = loss.pop("routes", None)
+    out = RouteConfig.preset(config.preset, **loss)
+    return out if routes is None else out.replace(routes=routes)
 
 
 def distill_loss(student: Any, teacher: Any, tokenizer: Any, template: PromptTemplate, records: Sequence[Record],
@@ -120,9 +125,11 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         self.student = load_causal_lm(student_path, cfg.dtype, self.device, trainable=True)
         self.teacher = load_causal_lm(cfg.teacher, cfg.dtype, self.device, trainable=False)
-        # A frozen self is the *initial* student (cfg.student, also after --resume), never trained.
-        self.self_model = (load_causal_lm(cfg.student, cfg.dtype, self.device, trainable=False)
-                           if cfg.self_model == "frozen" else None)
+        # A frozen self is the *initial* student (cfg.student, also after --resume), never trained;
+        # an EMA self starts as the student and follows it after every optimizer step.
+        self.self_model, self.self_ema = make_self_model(
+            cfg.self_model, cfg.self_ema_decay, self.student,
+            lambda: load_causal_lm(cfg.student, cfg.dtype, self.device, trainable=False))
         for m in (self.student, self.teacher):
             if maybe_apply_liger(m, self.device, cfg.use_liger):
                 self.log(f"Liger-Kernel patches applied to {type(m).__name__}")
@@ -138,6 +145,8 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.step = int(state["step"])
+            if self.self_ema is not None:
+                self.self_ema.load_state_dict(state["self_ema"])
             set_rng_state(state["rng"])  # last: nothing after this may draw random numbers before step 1
             self.log(f"resumed from {self.resume_from} at step {self.step}")
         os.makedirs(cfg.output_dir, exist_ok=True)
@@ -187,6 +196,8 @@ class Trainer:
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
+        if self.self_ema is not None:
+            self.self_ema.update(self.student)
         self.step += 1
         merged = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
         merged["n_tokens"] = sum(r["n_tokens"] for r in rows)
@@ -199,7 +210,8 @@ class Trainer:
         """Checkpoint the current step."""
         return save_checkpoint(self.config.output_dir, self.step, self.student, self.tokenizer, self.optimizer,
                                self.scheduler, keep=self.config.keep_checkpoints,
-                               extra={"config": self.config.to_dict()})
+                               extra={"config": self.config.to_dict(),
+                                      **({"self_ema": self.self_ema.state_dict()} if self.self_ema is not None else {})})
 
     def train(self) -> dict[str, Any]:
         """Run to ``max_steps`` (from the resumed step); returns accuracy before/after when evaluated."""

@@ -1,0 +1,250 @@
+"""The digit-sum task: add a list of digits mod 10 in any order, with a hint that is one worked order
+(``--task digit_sum``, the embedded default). DESIGN NOTES: see the end of this docstring.
+
+A prompt lists n digits (n = 3..5). The response adds them one at a time, in an order of the solver's
+choosing, writing each term and the running total mod 10, then the answer::
+
+    prompt      sum 4 7 2 9
+    privileged  hint: 2>2 9>1 4>5                 (a worked plan, every step but the last)
+    response    4>4 7>1 2>3 9>2 #### 2            (the student's own order: prompt order)
+    response    2>2 9>1 4>5 7>2 #### 2            (the hint's order: just as correct)
+
+Every order is correct: the order is a free choice. The hint is a worked solution written by a
+solver who picked an order: half of the hints follow the prompt order (the natural plan), the other
+half a random other order. So the hint carries two kinds of information:
+
+- running totals (``x>t``: t = previous total + x mod 10): real skill, which the student can learn
+  to produce itself from the prompt;
+- the order of the terms, when it is not the prompt's: a free choice that nothing in the prompt
+  determines, which the student cannot reproduce at test time.
+
+The teacher (a larger tiny Llama, trained on half hinted and half unhinted worked solutions) follows
+the hint's order and copies its totals when it has the hint, and adds in prompt order without it. It
+is good but not perfect without the hint (its addition table has gaps; accuracies in the README).
+The student (smaller, warm-started briefly, mostly without hints) adds in prompt order and knows only
+part of the table; it also learned a second skill, the running maximum (``max 4 7 2 9``), which
+distillation never trains: the ``prior`` split measures what it forgets.
+
+Where the tokens go, and why (the privilege illusion). The student samples its own responses, in
+prompt order. On a hint that follows the prompt order (half of them) the teacher's confidence is real
+skill: it knows every total, the student only some, so the student's wrong totals have a big gap and
+the teacher ahead (HT), its right ones a small gap with both confident (LH). On a hint with another
+order the sampled response leaves the hint's path at the first term: the teacher, sure of the hint's
+term, gives the student's term a low probability, and from there on it keeps preferring the hint's
+terms and totals, which do not fit the student's prefix. These are tokens where the teacher is
+confidently wrong for the student's path; vanilla OPD pulls the student toward them on every token
+(it learns to wander between orders and to write totals that are not sums). The privileged self (the
+student with the hint) reads the hint less than the teacher does, so on these tokens it stays closer
+to the student's own (right) continuation: a big gap with the self ahead (HS, supervised by the self),
+or both unsure (LL, the self at weight 0.3). DOPD thus keeps the teacher's totals where its path is
+the student's and replaces its supervision by the self where the hint's plan, not skill, makes the
+teacher confident. The measured route fractions and per-route losses are in the README.
+
+Splits (fixed, never tuned to a result): a problem is identified by its multiset of digits; a quarter
+of the multisets (by a sha256 hash) is held out, and no ordering of them is ever used to train the
+teacher, warm up the student or distil. ``heldout``: one ordering of each held-out multiset of 3..5
+digits (734 problems); ``ood``: 6 digits, longer than anything trained on; ``prior``: held-out running
+maximum problems (the student's earlier skill).
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import re
+import string
+from dataclasses import dataclass
+from typing import Optional
+
+from dopd.tasks.base import HELDOUT, BuiltinTask, TaskSize, split_bucket
+from dopd.tasks.models import ModelSpec
+
+MODULUS = 10
+LENGTHS = range(3, 6)
+OOD_LENGTHS = range(6, 7)
+#: Share of hints that follow the prompt order (the natural plan); the rest use another order.
+NATURAL_PLAN_SHARE = 0.5
+#: Share of the student's warm-up problems that are running-maximum problems (its prior skill).
+PRIOR_SHARE = 0.3
+OPS = ("sum", "max")
+#: The labels of the digits in a prompt (so that a term is named, not counted: "b7" is the second).
+LABELS = string.ascii_lowercase
+
+
+@dataclass(frozen=True)
+class DigitProblem:
+    """``op`` ("sum" or "max") over ``digits``; ``plan`` is the order (indices into digits) of the hint."""
+
+    op: str
+    digits: tuple[int, ...]
+    plan: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if self.op not in OPS:
+            raise ValueError(f"op must be one of {OPS}, got {self.op!r}")
+        if sorted(self.plan) != list(range(len(self.digits))):
+            raise ValueError(f"plan must be a permutation of range({len(self.digits)}), got {self.plan}")
+
+    def term(self, i: int) -> str:
+        """The i-th digit with its label: ``"b7"``."""
+        return f"{LABELS[i]}{self.digits[i]}"
+
+    @property
+    def prompt(self) -> str:
+        """What the student sees: ``"sum a4 b7 c2 d9"``."""
+        return f"{self.op} " + " ".join(self.term(i) for i in range(len(self.digits)))
+
+    @property
+    def answer(self) -> str:
+        """The final answer, one digit."""
+        return str(sum(self.digits) % MODULUS if self.op == "sum" else max(self.digits))
+
+    def steps(self, order: Optional[tuple[int, ...]] = None) -> list[str]:
+        """``"<label><digit>><running value>"`` for each term taken in ``order`` (default: prompt order)."""
+        order = tuple(range(len(self.digits))) if order is None else order
+        out, value = [], None
+        for i in order:
+            x = self.digits[i]
+            if value is None:
+                value = x
+            else:
+                value = (value + x) % MODULUS if self.op == "sum" else max(value, x)
+            out.append(f"{self.term(i)}>{value}")
+        return out
+
+    @property
+    def privileged(self) -> str:
+        """The hint: the plan's worked steps, the last one without its value (so never the answer)."""
+        steps = self.steps(self.plan)
+        return "hint: " + " ".join(steps[:-1] + [steps[-1].split(">")[0]])
+
+    def solution(self, hinted: bool = False) -> str:
+        """The worked response: the hint's order when ``hinted``, else the prompt order."""
+        return " ".join(self.steps(self.plan if hinted else None)) + f" #### {self.answer}"
+
+    @property
+    def key(self) -> str:
+        """What identifies the problem for the held-out split: the operation and the multiset."""
+        return f"{self.op}:" + "".join(map(str, sorted(self.digits)))
+
+    @property
+    def heldout(self) -> bool:
+        """True for the fixed quarter of multisets kept for evaluation."""
+        return split_bucket(self.key, 4) == 0
+
+    def record(self) -> dict[str, str]:
+        """The problem as a trainer record: prompt, privileged, answer."""
+        return {"prompt": self.prompt, "privileged": self.privileged, "answer": self.answer}
+
+
+def random_plan(n: int, rng: random.Random, op: str = "sum") -> tuple[int, ...]:
+    """The prompt order with probability NATURAL_PLAN_SHARE (always for "max"), else another order."""
+    natural = tuple(range(n))
+    if op == "max" or n < 2 or rng.random() < NATURAL_PLAN_SHARE:
+        return natural
+    while True:
+        plan = tuple(rng.sample(range(n), n))
+        if plan != natural:
+            return plan
+
+
+def make_problem(rng: random.Random, op: str = "sum", lengths: range = LENGTHS, heldout: bool = False) -> DigitProblem:
+    """One random problem from the training part (``heldout=False``) or the held-out part of the space."""
+    while True:
+        n = rng.choice(list(lengths))
+        digits = tuple(rng.randrange(MODULUS) for _ in range(n))
+        probe = DigitProblem(op, digits, tuple(range(n)))
+        if probe.heldout == heldout:
+            return DigitProblem(op, digits, random_plan(n, rng, op))
+
+
+def make_problems(n: int, seed: int, prior_share: float = 0.0) -> list[DigitProblem]:
+    """``n`` training problems (never held out); a ``prior_share`` of them are running-maximum problems."""
+    rng = random.Random(seed)
+    return [make_problem(rng, "max" if rng.random() < prior_share else "sum") for _ in range(n)]
+
+
+def heldout_problems(op: str, lengths: range, seed: int) -> list[DigitProblem]:
+    """One ordering (seeded) of every held-out multiset with a length in ``lengths``, in a seeded order."""
+    rng = random.Random(seed)
+    out = []
+    for n in lengths:
+        for combo in itertools.combinations_with_replacement(range(MODULUS), n):
+            if DigitProblem(op, combo, tuple(range(n))).heldout:
+                digits = list(combo)
+                rng.shuffle(digits)
+                out.append(DigitProblem(op, tuple(digits), random_plan(n, rng, op)))
+    rng.shuffle(out)
+    return out
+
+
+_STEP = re.compile(r"^([a-z])(\d)>(\d)$")
+
+
+def parse_steps(response: str) -> Optional[list[tuple[str, int, int]]]:
+    """``[(label, digit, running value), ...]`` of a response's work, or None when it is not well formed."""
+    work = response.split("####", 1)[0].split()
+    matches = [_STEP.match(step) for step in work]
+    if not matches or not all(matches):
+        return None
+    return [(m.group(1), int(m.group(2)), int(m.group(3))) for m in matches]
+
+
+def check_work(problem: DigitProblem, response: str) -> dict[str, bool]:
+    """How a response's work holds up: ``uses_each_term_once`` (the terms, label and digit, are a
+    permutation of the prompt's), ``values_right`` (every running value follows from the previous one
+    and the term), ``answer_right`` (the final answer: what the accuracy counts)."""
+    from dopd.evaluate import exact_match
+
+    steps = parse_steps(response) or []
+    terms = sorted(f"{label}{x}" for label, x, _ in steps)
+    values_ok = bool(steps) and steps[0][2] == steps[0][1]
+    for (_, _, prev), (_, x, value) in zip(steps, steps[1:]):
+        expect = (prev + x) % MODULUS if problem.op == "sum" else max(prev, x)
+        values_ok = values_ok and value == expect
+    return {"uses_each_term_once": terms == sorted(problem.term(i) for i in range(len(problem.digits))),
+            "values_right": values_ok, "answer_right": exact_match(response, problem.answer)}
+
+
+class DigitSumTask(BuiltinTask):
+    """Digit sums in any order with a one-plan hint (see the module docstring)."""
+
+    name = "digit_sum"
+    version = 1
+    _teacher = ModelSpec(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, sft_steps=800,
+                         sft_batch=32, hint_fraction=0.5, vocab_multiple=16, seed=1)
+    _student = ModelSpec(hidden_size=48, num_layers=2, num_heads=4, intermediate_size=96, sft_steps=500,
+                         sft_batch=32, hint_fraction=0.6, seed=2)
+    sizes = {
+        "full": TaskSize(teacher=_teacher, student=_student, train=4000,
+                         evals={HELDOUT: 600, "ood": 200, "prior": 200}),
+        "small": TaskSize(teacher=_teacher, student=_student, train=4000,
+                          evals={HELDOUT: 200, "ood": 100, "prior": 100}),
+        "tiny": TaskSize(
+            teacher=ModelSpec(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, sft_steps=8,
+                              sft_batch=16, vocab_multiple=16, seed=1),
+            student=ModelSpec(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, sft_steps=4,
+                              sft_batch=16, seed=2),
+            train=64, evals={HELDOUT: 8, "ood": 4, "prior": 4}),
+    }
+
+    defaults = dict(output_dir="dopd-default", learning_rate=2e-3, max_steps=100, self_model="frozen",
+                    prompts_per_step=16, num_generations=4, max_new_tokens=36, temperature=1.0, warmup_ratio=0.05,
+                    max_grad_norm=1.0, eval_batch_size=128, save_every=0, eval_every=20, answer_marker="####")
+
+    def sampler(self, role: str):
+        share = PRIOR_SHARE if role == "student" else 0.0
+        return lambda n, seed: make_problems(n, seed, prior_share=share)
+
+    def train_records(self, n: int, seed: int) -> list[dict[str, str]]:
+        return [p.record() for p in make_problems(n, seed)]
+
+    def eval_splits(self) -> dict[str, list[dict[str, str]]]:
+        rng = random.Random(3)
+        ood = [make_problem(rng, "sum", OOD_LENGTHS) for _ in range(500)]
+        return {HELDOUT: [p.record() for p in heldout_problems("sum", LENGTHS, seed=1)],
+                "ood": [p.record() for p in ood],
+                "prior": [p.record() for p in heldout_problems("max", LENGTHS, seed=2)]}
+
+
+TASK = DigitSumTask()
