@@ -128,9 +128,6 @@ class TrainConfig:
             missing = sorted({"student", "teacher", "data"} - set(given))
             raise ConfigError(f"give student, teacher and data together (missing: {missing}); "
                               "give none of them to run the embedded default task")
-        if given and self.task is not None:
-            raise ConfigError(f"task={self.task!r} names a built-in task, which brings its own student, teacher and "
-                              "data; drop task, or drop student/teacher/data")
         return self
 
     @property
@@ -238,6 +235,9 @@ def resolve_config(yaml_path: Optional[str], flags: Mapping[str, Any]) -> TrainC
     when neither the YAML nor the flags name a student, teacher or data."""
     layers = [load_yaml(yaml_path) if yaml_path else {}, dict(flags)]
     merged = apply_overrides(apply_overrides(TrainConfig(), layers[0]), layers[1])
+    if merged.task is not None and not merged.is_embedded_default:
+        raise ConfigError(f"task={merged.task!r} names a built-in task, which brings its own student, teacher and "
+                          "data; drop task, or drop student/teacher/data")
     if merged.is_embedded_default:
         from dopd.tasks.registry import task_defaults  # lazy: keeps `dopd --help` fast
 

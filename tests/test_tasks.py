@@ -100,7 +100,7 @@ def test_digit_sum_heldout_split_is_never_trained_on():
     held_keys = {_digit_problem(r).key for r in heldout}
     assert all(_digit_problem(r).heldout for r in heldout)
     # Every source of training problems: distillation records, the teacher's and the student's SFT.
-    seen = [_digit_problem(r) for r in task.train_records(3000, seed=1)]
+    seen = [_digit_problem(r) for r in task.train_records(task.sizes["full"].train, seed=1)]  # = data/train.jsonl
     for role in ("teacher", "student"):
         for seed in range(5):
             seen += list(task.sampler(role)(200, seed))
@@ -110,6 +110,9 @@ def test_digit_sum_heldout_split_is_never_trained_on():
     # The extra splits: longer lists (ood) and the prior skill (held-out max problems).
     assert all(len(r["prompt"].split()) - 1 == 6 for r in splits["ood"])
     assert all(r["prompt"].startswith("max ") and _digit_problem(r).heldout for r in splits["prior"])
+    # dev: from the training part of the space, but never a distillation prompt (for choosing settings).
+    assert not any(_digit_problem(r).heldout for r in splits["dev"])
+    assert not {r["prompt"] for r in splits["dev"]} & {r["prompt"] for r in task.train_records(4000, seed=1)}
     assert task.eval_splits() == splits  # fixed: the same every time
 
 

@@ -1,54 +1,57 @@
-"""The digit-sum task: add a list of digits mod 10 in any order, with a hint that is one worked order
-(``--task digit_sum``, the embedded default). DESIGN NOTES: see the end of this docstring.
+"""The digit-sum task: add labelled digits mod 10 in any order, with a hint that is one worked order
+(``--task digit_sum``, the embedded default of ``dopd train``).
 
-A prompt lists n digits (n = 3..5). The response adds them one at a time, in an order of the solver's
-choosing, writing each term and the running total mod 10, then the answer::
+A prompt lists n labelled digits (n = 3..5). The response takes the terms one at a time, in an order of
+the solver's choosing, writing each term and the running total mod 10, then the answer::
 
-    prompt      sum 4 7 2 9
-    privileged  hint: 2>2 9>1 4>5                 (a worked plan, every step but the last)
-    response    4>4 7>1 2>3 9>2 #### 2            (the student's own order: prompt order)
-    response    2>2 9>1 4>5 7>2 #### 2            (the hint's order: just as correct)
+    prompt      sum a4 b7 c2 d9
+    privileged  hint: c2>2 a4>6 d9>5 b7            (a worked plan; the last step without its total)
+    response    a4>4 b7>1 c2>3 d9>2 #### 2         (prompt order: the student's own plan)
+    response    c2>2 a4>6 d9>5 b7>2 #### 2         (the hint's order: just as correct)
 
-Every order is correct: the order is a free choice. The hint is a worked solution written by a
-solver who picked an order: half of the hints follow the prompt order (the natural plan), the other
-half a random other order. So the hint carries two kinds of information:
+Every order is correct: the order is a free choice. A hint is a worked solution by a solver who picked
+an order: half of the hints follow the prompt order, half a random other order. So a hint carries
+both kinds of information the method separates:
 
-- running totals (``x>t``: t = previous total + x mod 10): real skill, which the student can learn
-  to produce itself from the prompt;
-- the order of the terms, when it is not the prompt's: a free choice that nothing in the prompt
-  determines, which the student cannot reproduce at test time.
+- the terms' digits and the running totals: real skill (find the digit labelled b, add mod 10), which
+  the student can learn to produce itself from the prompt;
+- the order, when it is not the prompt's: a free choice that nothing in the prompt determines.
 
-The teacher (a larger tiny Llama, trained on half hinted and half unhinted worked solutions) follows
-the hint's order and copies its totals when it has the hint, and adds in prompt order without it. It
-is good but not perfect without the hint (its addition table has gaps; accuracies in the README).
-The student (smaller, warm-started briefly, mostly without hints) adds in prompt order and knows only
-part of the table; it also learned a second skill, the running maximum (``max 4 7 2 9``), which
-distillation never trains: the ``prior`` split measures what it forgets.
+The teacher (wider, trained longer, on half hinted and half unhinted solutions) is hint-bound: with a
+hint it always follows the hint's order, as it was always shown. The student (smaller, warmed up
+briefly) reads hints too, but half of its hinted warm-up solutions keep the prompt order: it is not
+bound by a hint. It also learned a second skill that distillation never trains, the running maximum
+(``max a4 b7 c2``): the ``prior`` split measures what distillation makes it forget.
 
-Where the tokens go, and why (the privilege illusion). The student samples its own responses, in
-prompt order. On a hint that follows the prompt order (half of them) the teacher's confidence is real
-skill: it knows every total, the student only some, so the student's wrong totals have a big gap and
-the teacher ahead (HT), its right ones a small gap with both confident (LH). On a hint with another
-order the sampled response leaves the hint's path at the first term: the teacher, sure of the hint's
-term, gives the student's term a low probability, and from there on it keeps preferring the hint's
-terms and totals, which do not fit the student's prefix. These are tokens where the teacher is
-confidently wrong for the student's path; vanilla OPD pulls the student toward them on every token
-(it learns to wander between orders and to write totals that are not sums). The privileged self (the
-student with the hint) reads the hint less than the teacher does, so on these tokens it stays closer
-to the student's own (right) continuation: a big gap with the self ahead (HS, supervised by the self),
-or both unsure (LL, the self at weight 0.3). DOPD thus keeps the teacher's totals where its path is
-the student's and replaces its supervision by the self where the hint's plan, not skill, makes the
-teacher confident. The measured route fractions and per-route losses are in the README.
+Where the tokens should go, and why (the privilege illusion). The student samples in prompt order.
+- Format tokens (``>``, spaces, ``####``, EOS) and, on a hint in prompt order, most labels and totals:
+  the teacher and the self agree and are sure: small gap, LH (teacher, top-K, 0.6).
+- On a hint with another order, the first label where the student's order leaves the hint's: the
+  teacher, sure of the hint's next term, gives the student's (equally correct) term a low probability;
+  the self, not bound by the hint, a high one. A big gap with the self ahead: HS (self, 0.6). Vanilla
+  OPD pulls the student toward the hint's term there, an order it cannot know at test time.
+- After that point the teacher keeps looking for the hint's terms: it gives the right digit of the
+  student's term a lower probability than the self does (HS again), while on totals it computes from
+  the prefix and stays good (LH).
+- The student's own mistakes (a wrong digit for a label, a wrong total): the teacher is sure they are
+  wrong; where the self shares the mistake the gap is big and the self is ahead (HS: supervised by the
+  self's distribution, which usually still favours the right token), where the self is unsure both
+  are (LL, self, 0.3), and where the student was right but unsure the teacher is ahead (HT, JS, 1.0).
+``tools/route_anatomy.py`` measures this table (kinds x on/off the hint's path x routes); the README
+gives the numbers.
 
-Splits (fixed, never tuned to a result): a problem is identified by its multiset of digits; a quarter
-of the multisets (by a sha256 hash) is held out, and no ordering of them is ever used to train the
-teacher, warm up the student or distil. ``heldout``: one ordering of each held-out multiset of 3..5
-digits (734 problems); ``ood``: 6 digits, longer than anything trained on; ``prior``: held-out running
-maximum problems (the student's earlier skill).
+Splits (fixed, never tuned to a result): a problem is identified by its operation and multiset of
+digits; a quarter of the multisets (by a sha256 hash) is held out, and no ordering of them is ever used
+to train the teacher, warm up the student or distil. ``heldout``: one ordering of each held-out sum
+multiset of 3..5 digits (700 problems; ``full`` scores the first 600); ``ood``: 6 digits, longer than
+anything trained on; ``prior``: held-out running-maximum problems (the student's earlier skill);
+``dev`` (``--task-size small`` only): problems from the training part of the space that are not
+distillation prompts, for choosing hyperparameters without looking at the held-out split.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import random
 import re
@@ -66,6 +69,8 @@ OOD_LENGTHS = range(6, 7)
 NATURAL_PLAN_SHARE = 0.5
 #: Share of the student's warm-up problems that are running-maximum problems (its prior skill).
 PRIOR_SHARE = 0.3
+#: Share of the student's hinted warm-up solutions that follow the hint's order (the teacher's: all).
+STUDENT_BOUND_SHARE = 0.5
 OPS = ("sum", "max")
 #: The labels of the digits in a prompt (so that a term is named, not counted: "b7" is the second).
 LABELS = string.ascii_lowercase
@@ -78,6 +83,9 @@ class DigitProblem:
     op: str
     digits: tuple[int, ...]
     plan: tuple[int, ...]
+    #: Whether this worked solution, when it shows the hint, follows the hint's order (a hint-bound
+    #: solver) or keeps the prompt order (a solver that reads the hint but is not bound by it).
+    follows_hint: bool = True
 
     def __post_init__(self) -> None:
         if self.op not in OPS:
@@ -119,8 +127,8 @@ class DigitProblem:
         return "hint: " + " ".join(steps[:-1] + [steps[-1].split(">")[0]])
 
     def solution(self, hinted: bool = False) -> str:
-        """The worked response: the hint's order when ``hinted``, else the prompt order."""
-        return " ".join(self.steps(self.plan if hinted else None)) + f" #### {self.answer}"
+        """The worked response: the hint's order when ``hinted`` (and ``follows_hint``), else the prompt order."""
+        return " ".join(self.steps(self.plan if hinted and self.follows_hint else None)) + f" #### {self.answer}"
 
     @property
     def key(self) -> str:
@@ -158,10 +166,15 @@ def make_problem(rng: random.Random, op: str = "sum", lengths: range = LENGTHS, 
             return DigitProblem(op, digits, random_plan(n, rng, op))
 
 
-def make_problems(n: int, seed: int, prior_share: float = 0.0) -> list[DigitProblem]:
-    """``n`` training problems (never held out); a ``prior_share`` of them are running-maximum problems."""
-    rng = random.Random(seed)
-    return [make_problem(rng, "max" if rng.random() < prior_share else "sum") for _ in range(n)]
+def make_problems(n: int, seed: int, prior_share: float = 0.0, bound_share: float = 1.0) -> list[DigitProblem]:
+    """``n`` training problems (never held out); a ``prior_share`` of them are running-maximum problems,
+    and a ``bound_share`` of them have a worked solution that follows the hint's order."""
+    rng, bound_rng = random.Random(seed), random.Random(seed + 7919)  # the problems do not depend on bound_share
+    out = []
+    for _ in range(n):
+        p = make_problem(rng, "max" if rng.random() < prior_share else "sum")
+        out.append(p if bound_rng.random() < bound_share else dataclasses.replace(p, follows_hint=False))
+    return out
 
 
 def heldout_problems(op: str, lengths: range, seed: int) -> list[DigitProblem]:
@@ -210,22 +223,25 @@ class DigitSumTask(BuiltinTask):
     """Digit sums in any order with a one-plan hint (see the module docstring)."""
 
     name = "digit_sum"
-    version = 1
-    _teacher = ModelSpec(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, sft_steps=800,
-                         sft_batch=32, hint_fraction=0.5, vocab_multiple=16, seed=1)
-    _student = ModelSpec(hidden_size=48, num_layers=2, num_heads=4, intermediate_size=96, sft_steps=500,
+    version = 2
+    # The teacher: wider, trained longer, on half hinted (always following the hint's order) and half
+    # unhinted solutions. The student: smaller, warmed up briefly (it knows part of the task) on sums
+    # and running maxima, 60% of them hinted, half of those in its own order despite the hint.
+    _teacher = ModelSpec(hidden_size=96, num_layers=2, num_heads=4, intermediate_size=192, sft_steps=800,
+                         sft_batch=32, sft_lr=2e-3, hint_fraction=0.5, vocab_multiple=16, seed=1)
+    _student = ModelSpec(hidden_size=48, num_layers=2, num_heads=4, intermediate_size=96, sft_steps=400,
                          sft_batch=32, hint_fraction=0.6, seed=2)
     sizes = {
         "full": TaskSize(teacher=_teacher, student=_student, train=4000,
-                         evals={HELDOUT: 600, "ood": 200, "prior": 200}),
+                         evals={HELDOUT: 600, "ood": 200, "prior": 200, "dev": 0}),
         "small": TaskSize(teacher=_teacher, student=_student, train=4000,
-                          evals={HELDOUT: 200, "ood": 100, "prior": 100}),
+                          evals={HELDOUT: 200, "ood": 100, "prior": 100, "dev": 300}),
         "tiny": TaskSize(
             teacher=ModelSpec(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, sft_steps=8,
                               sft_batch=16, vocab_multiple=16, seed=1),
             student=ModelSpec(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, sft_steps=4,
                               sft_batch=16, seed=2),
-            train=64, evals={HELDOUT: 8, "ood": 4, "prior": 4}),
+            train=64, evals={HELDOUT: 8, "ood": 4, "prior": 4, "dev": 0}),
     }
 
     defaults = dict(output_dir="dopd-default", learning_rate=2e-3, max_steps=100, self_model="frozen",
@@ -233,8 +249,9 @@ class DigitSumTask(BuiltinTask):
                     max_grad_norm=1.0, eval_batch_size=128, save_every=0, eval_every=20, answer_marker="####")
 
     def sampler(self, role: str):
-        share = PRIOR_SHARE if role == "student" else 0.0
-        return lambda n, seed: make_problems(n, seed, prior_share=share)
+        if role == "student":
+            return lambda n, seed: make_problems(n, seed, prior_share=PRIOR_SHARE, bound_share=STUDENT_BOUND_SHARE)
+        return make_problems  # the teacher: sums only, always bound to the hint's order
 
     def train_records(self, n: int, seed: int) -> list[dict[str, str]]:
         return [p.record() for p in make_problems(n, seed)]
@@ -242,9 +259,18 @@ class DigitSumTask(BuiltinTask):
     def eval_splits(self) -> dict[str, list[dict[str, str]]]:
         rng = random.Random(3)
         ood = [make_problem(rng, "sum", OOD_LENGTHS) for _ in range(500)]
+        # dev: problems from the training part of the space that are not among the distillation
+        # prompts, for choosing hyperparameters without looking at the held-out split.
+        train_prompts = {r["prompt"] for r in self.train_records(self.sizes["full"].train, seed=1)}
+        dev_rng, dev = random.Random(4), []
+        while len(dev) < 300:
+            p = make_problem(dev_rng, "sum")
+            if p.prompt not in train_prompts and p.prompt not in {d.prompt for d in dev}:
+                dev.append(p)
         return {HELDOUT: [p.record() for p in heldout_problems("sum", LENGTHS, seed=1)],
                 "ood": [p.record() for p in ood],
-                "prior": [p.record() for p in heldout_problems("max", LENGTHS, seed=2)]}
+                "prior": [p.record() for p in heldout_problems("max", LENGTHS, seed=2)],
+                "dev": [p.record() for p in dev]}
 
 
 TASK = DigitSumTask()
