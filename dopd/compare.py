@@ -11,8 +11,9 @@ prepares the task once (``DIR/data/``), scores the initial student on every spli
 in worker processes (``--jobs``; one thread each) and writes:
 
 - ``DIR/compare.json``: one entry per run (label, preset, self model, seed, status, held-out accuracy
-  before and after and over steps, the other splits before and after, route fractions and per-route
-  losses at every step and at the end, wall and CPU seconds), and the summary per label;
+  before and after and over steps, every split after training (the initial student's in
+  ``reference``), route fractions and per-route losses at every step and at the end, wall and CPU
+  seconds), and the summary per label;
 - ``DIR/compare.md``: mean and standard deviation over seeds per label, the differences to the
   baseline, failed runs with their error;
 - ``DIR/compare.png``: held-out accuracy over steps, one line per label with a band (+- std over seeds).
@@ -110,9 +111,10 @@ def _score(model: Any, tokenizer: Any, template: Any, path: str, config: TrainCo
                     marker=config.answer_marker)["accuracy"]
 
 
-def run_one(spec: RunSpec, config: dict[str, Any], splits: dict[str, str]) -> dict[str, Any]:
-    """Train one run (in a worker process) and score it on every split; never raises: a failure is
-    returned as ``status: "failed"`` with the error, so the table can show it."""
+def run_one(spec: RunSpec, config: dict[str, Any], splits: dict[str, str], eval_split: str = "heldout") -> dict[str, Any]:
+    """Train one run (in a worker process; ``eval_split`` is the split its ``eval_data`` scores over the
+    steps) and score it on every split; never raises: a failure is returned as ``status: "failed"`` with
+    the error, so the table can show it."""
     import resource
 
     import torch
@@ -135,7 +137,7 @@ def run_one(spec: RunSpec, config: dict[str, Any], splits: dict[str, str]) -> di
             trainer = Trainer(cfg, log=lambda s: print(s, file=log_fh, flush=True))
             summary = trainer.train()
             after = {name: _score(trainer.student, trainer.tokenizer, trainer.template, path, cfg)
-                     for name, path in splits.items() if name != "heldout"}
+                     for name, path in splits.items() if name != eval_split}
         rows = read_metrics(cfg.output_dir)
         train_rows = [r for r in rows if "loss" in r]
         keys = ["loss"] + [f"{k}/{r}" for k in ("frac", "loss") for r in ROUTE_NAMES]
@@ -143,7 +145,7 @@ def run_one(spec: RunSpec, config: dict[str, Any], splits: dict[str, str]) -> di
         out.update(
             accuracy_before=summary.get("accuracy_before"), accuracy_after=summary.get("accuracy_after"),
             accuracy_over_steps=[[r["step"], r["eval/accuracy"]] for r in rows if "eval/accuracy" in r],
-            splits_after={"heldout": summary.get("accuracy_after"), **after},
+            splits_after={eval_split: summary.get("accuracy_after"), **after},
             route_fractions={r: sum(t[f"frac/{r}"] for t in tail) / len(tail) for r in ROUTE_NAMES},
             route_losses={r: sum(t[f"loss/{r}"] for t in tail) / len(tail) for r in ROUTE_NAMES},
             series={"step": [r["step"] for r in train_rows], **{k: [r[k] for r in train_rows] for k in keys}},
@@ -186,8 +188,12 @@ def prepare_common(base: TrainConfig, log: Callable[[str], None]) -> tuple[Train
 
 
 def run_compare(base: TrainConfig, specs: Sequence[RunSpec], output_dir: str, jobs: int = 0,
-                log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run ``specs`` on the built-in task of ``base`` and write compare.json/.md/.png into ``output_dir``."""
+                log: Callable[[str], None] = print, eval_split: str = "heldout") -> dict[str, Any]:
+    """Run ``specs`` on the built-in task of ``base`` and write compare.json/.md/.png into ``output_dir``.
+
+    ``eval_split``: the split scored over the steps (the curves); ``heldout`` for results, ``dev`` for
+    choosing settings without looking at the held-out split. Every split is scored after training.
+    """
     import multiprocessing
 
     from dopd.compare_report import summarize, write_reports
@@ -196,6 +202,10 @@ def run_compare(base: TrainConfig, specs: Sequence[RunSpec], output_dir: str, jo
     machine = _machine()
     os.makedirs(output_dir, exist_ok=True)
     common, splits, reference = prepare_common(dataclasses.replace(base, output_dir=output_dir), log)
+    if eval_split not in splits:
+        raise ConfigError(f"eval_split must be one of {sorted(splits)} at task size {common.task_size}, "
+                          f"got {eval_split!r}")
+    common = dataclasses.replace(common, eval_data=splits[eval_split])
     common_dict = common.to_dict()
     jobs = jobs or min(len(specs), machine["cpus_usable"] or 1)
     log(f"{len(specs)} runs, {jobs} at a time")
@@ -205,7 +215,7 @@ def run_compare(base: TrainConfig, specs: Sequence[RunSpec], output_dir: str, jo
         for spec in specs:
             cfg = {**common_dict, **spec.overrides(), "output_dir": os.path.join(output_dir, "runs", spec.name),
                    "progress": False, "resume": False}
-            futures[pool.submit(run_one, spec, cfg, splits)] = spec
+            futures[pool.submit(run_one, spec, cfg, splits, eval_split)] = spec
         for fut in as_completed(futures):
             spec = futures[fut]
             try:
@@ -215,7 +225,7 @@ def run_compare(base: TrainConfig, specs: Sequence[RunSpec], output_dir: str, jo
                        "error": f"{type(err).__name__}: {err}"}
             results.append(res)
             if res["status"] == "ok":
-                log(f"[{len(results)}/{len(specs)}] {spec.label} seed {spec.seed}: held-out "
+                log(f"[{len(results)}/{len(specs)}] {spec.label} seed {spec.seed}: {eval_split} "
                     f"{res['accuracy_before']:.3f} -> {res['accuracy_after']:.3f} ({res['wall_s']:.0f} s)")
             else:
                 log(f"[{len(results)}/{len(specs)}] {spec.label} seed {spec.seed}: FAILED {res['error']}")
@@ -224,7 +234,7 @@ def run_compare(base: TrainConfig, specs: Sequence[RunSpec], output_dir: str, jo
     machine["load_avg_end"] = list(os.getloadavg())
     report = {
         "task": common.task or _default_task(), "task_size": common.task_size, "date": started.isoformat(timespec="seconds"),
-        "machine": machine, "jobs": jobs, "wall_s": time.perf_counter() - t0,
+        "machine": machine, "jobs": jobs, "wall_s": time.perf_counter() - t0, "eval_split": eval_split,
         "cpu_s": sum(r.get("cpu_s", 0.0) for r in results), "config": common_dict,
         "splits": {k: sum(1 for _ in open(p)) for k, p in splits.items()}, "reference": reference,
         "runs": results,
@@ -260,7 +270,9 @@ def add_compare_parser(sub: Any) -> None:
     cp.add_argument("--seeds", type=int, default=3, help="number of seeds (0, 1, ..., N-1)")
     cp.add_argument("--jobs", type=int, default=0, help="parallel runs (0: one per usable core)")
     cp.add_argument("--max-steps", type=int, help="steps per run (default: the task's)")
-    cp.add_argument("--eval-every", type=int, help="held-out evaluation every N steps (default: the task's)")
+    cp.add_argument("--eval-every", type=int, help="evaluation every N steps (default: the task's)")
+    cp.add_argument("--eval-split", default="heldout", help="the split scored over the steps: heldout (results) "
+                                                           "or dev (choosing settings; --task-size small)")
     cp.add_argument("--cache-dir", help="where the task's teacher and student are cached")
     cp.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="a TrainConfig field for every run, e.g. learning_rate=1e-3 (repeatable)")
@@ -289,7 +301,7 @@ def run_compare_command(args: argparse.Namespace) -> int:
     base = resolve_config(None, flags)
     names = _csv(args.presets) + (list(ABLATIONS) if args.ablations else [])
     specs = parse_runs(names, list(range(args.seeds)), _csv(args.self_models))
-    report = run_compare(base, specs, args.output_dir, jobs=args.jobs)
+    report = run_compare(base, specs, args.output_dir, jobs=args.jobs, eval_split=args.eval_split)
     print(open(os.path.join(args.output_dir, "compare.md")).read())
     failed = [r for r in report["runs"] if r["status"] != "ok"]
     return 1 if failed and len(failed) == len(report["runs"]) else 0

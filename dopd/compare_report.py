@@ -1,7 +1,8 @@
 """The reports of ``dopd compare``: per-label statistics, ``compare.json``, ``compare.md``, ``compare.png``.
 
 Statistics over the seeds of one label (failed runs are counted and listed, never averaged):
-- held-out accuracy before and after, and the gain; ``ood`` and ``prior`` accuracy after;
+- accuracy before and after on the split scored over the steps (``eval_split``: heldout unless asked),
+  and the gain; every split's accuracy after (``heldout``, ``ood``, ``prior``, ...);
 - forgetting: the initial student's ``prior`` accuracy minus the run's (a skill distillation never trains);
 - stability over steps: per run, the standard deviation of the held-out accuracy over the evaluations
   of the second half of training, and the largest drop between two consecutive evaluations (averaged
@@ -57,11 +58,12 @@ def summarize(runs: Sequence[dict[str, Any]], reference: dict[str, Any]) -> dict
         ok = [r for r in mine if r["status"] == "ok"]
         entry: dict[str, Any] = {"runs": len(mine), "ok": len(ok), "failed": [r["name"] for r in mine if r not in ok],
                                  "seeds": [r["seed"] for r in ok]}
-        for key, values in (("heldout_before", [r["accuracy_before"] for r in ok]),
-                            ("heldout_after", [r["accuracy_after"] for r in ok]),
+        # before / after / gain: on the split scored over the steps (``eval_split``, normally heldout).
+        for key, values in (("before", [r["accuracy_before"] for r in ok]),
+                            ("after", [r["accuracy_after"] for r in ok]),
                             ("gain", [r["accuracy_after"] - r["accuracy_before"] for r in ok])):
             entry[key] = mean_std(values)
-        for split in sorted({s for r in ok for s in r["splits_after"]} - {"heldout"}):
+        for split in sorted({s for r in ok for s in r["splits_after"]}):
             entry[f"{split}_after"] = mean_std([r["splits_after"].get(split) for r in ok])
         if prior_before is not None and "prior_after" in entry:
             entry["forgetting"] = mean_std([prior_before - r["splits_after"]["prior"] for r in ok])
@@ -106,13 +108,14 @@ def markdown(report: dict[str, Any]) -> str:
         + "; student before: " + ", ".join(f"{k} {v:.3f}" for k, v in report["reference"]["student_before"].items())
         + ".", "",
     ]
-    extra = sorted({k[:-6] for e in summ.values() for k in e if k.endswith("_after")} - {"heldout"})
-    head = ["run", "ok", "held-out after", "gain"] + [f"{s} after" for s in extra]
+    curve = report.get("eval_split", "heldout")
+    extra = sorted({k[:-6] for e in summ.values() for k in e if k.endswith("_after")} - {curve})
+    head = ["run", "ok", f"{curve} after", "gain"] + [f"{s} after" for s in extra]
     head += ["forgetting"] if any("forgetting" in e for e in summ.values()) else []
     head += ["step std", "worst drop"] + [f"{r}" for r in ROUTE_NAMES]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, e in summ.items():
-        row = [label, f"{e['ok']}/{e['runs']}", _fmt(e["heldout_after"]), _fmt(e["gain"])]
+        row = [label, f"{e['ok']}/{e['runs']}", _fmt(e["after"]), _fmt(e["gain"])]
         row += [_fmt(e.get(f"{s}_after")) for s in extra]
         row += [_fmt(e.get("forgetting"))] if "forgetting" in head else []
         row += [_fmt(e["step_std"]), _fmt(e["worst_drop"])]
@@ -125,13 +128,13 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"- {label}: " + ", ".join(f"{r} {e['route_losses'][r]:.3f}" for r in ROUTE_NAMES))
     base = summ.get(BASELINE)
     if base and base["ok"]:
-        lines += ["", f"Held-out accuracy after, difference to {BASELINE} (a difference counts when it exceeds "
-                  "twice the larger of the two standard deviations):"]
+        lines += ["", f"Accuracy after ({curve}), difference to {BASELINE} (a difference counts when it exceeds "
+                  "twice the larger of the two standard deviations, with at least 2 seeds each):"]
         for label, e in summ.items():
             if label == BASELINE or not e["ok"]:
                 continue
-            diff = e["heldout_after"][0] - base["heldout_after"][0]
-            bar = 2 * max(e["heldout_after"][1], base["heldout_after"][1])
+            diff = e["after"][0] - base["after"][0]
+            bar = 2 * max(e["after"][1], base["after"][1])
             verdict = "yes" if abs(diff) > bar and min(e["ok"], base["ok"]) >= 2 else "no"
             lines.append(f"- {label}: {diff:+.3f} (2 x std = {bar:.3f}; beyond the noise: {verdict})")
     failed = [r for r in report["runs"] if r["status"] != "ok"]
@@ -158,12 +161,13 @@ def plot(report: dict[str, Any], path: str) -> str:
         (line,) = ax.plot(steps, mean, marker="o", ms=3, label=f"{label} (n={e['ok']})")
         ax.fill_between(steps, [a - s for a, s in zip(mean, std)], [a + s for a, s in zip(mean, std)],
                         color=line.get_color(), alpha=0.2)
-    ax.axhline(report["reference"]["teacher"].get("heldout", float("nan")), color="k", ls="--", lw=1,
+    curve = report.get("eval_split", "heldout")
+    ax.axhline(report["reference"]["teacher"].get(curve, float("nan")), color="k", ls="--", lw=1,
                label="teacher, no hint")
-    ax.set(title=f"{report['task']}: held-out accuracy (band: ± std over seeds)", xlabel="step", ylabel="accuracy",
+    ax.set(title=f"{report['task']}: {curve} accuracy (band: ± std over seeds)", xlabel="step", ylabel="accuracy",
            ylim=(0, 1))
     ax.legend(fontsize=8)
-    splits = ["heldout"] + sorted({k[:-6] for e in summ.values() for k in e if k.endswith("_after")} - {"heldout"})
+    splits = [curve] + sorted({k[:-6] for e in summ.values() for k in e if k.endswith("_after")} - {curve})
     labels = [k for k, e in summ.items() if e["ok"]]
     width = 0.8 / max(1, len(labels))
     for i, label in enumerate(labels):

@@ -56,7 +56,8 @@ def test_summary_statistics_and_markdown_keep_failures():
     summary = summarize(runs, reference)
     d = summary["dopd"]
     assert (d["runs"], d["ok"], d["failed"]) == (3, 2, ["dopd-seed2"])
-    assert d["heldout_after"][0] == pytest.approx(0.75) and d["heldout_after"][1] == pytest.approx(math.sqrt(0.005))
+    assert d["after"][0] == pytest.approx(0.75) and d["after"][1] == pytest.approx(math.sqrt(0.005))
+    assert d["heldout_after"] == d["after"] and d["gain"][0] == pytest.approx(0.45)
     assert d["forgetting"][0] == pytest.approx(0.3)
     assert d["curve"][-1][0] == 20 and d["curve"][-1][1] == pytest.approx(0.75)
     assert d["worst_drop"] == (0.0, 0.0) and summary["vanilla_opd"]["ood_after"][0] == pytest.approx(0.255)
@@ -93,7 +94,7 @@ def test_compare_cli_tiny_writes_the_three_reports(tmp_path, monkeypatch, capsys
                "--output-dir", str(out)])
     assert rc == 0
     report = json.load(open(out / "compare.json"))
-    assert report["task"] == "digit_sum" and report["splits"]["heldout"] == 8
+    assert report["task"] == "digit_sum" and report["splits"]["heldout"] == 8 and report["eval_split"] == "heldout"
     assert {r["label"] for r in report["runs"]} == {"dopd", "vanilla_opd"}
     for run in report["runs"]:
         assert run["status"] == "ok", run.get("error")
@@ -106,9 +107,9 @@ def test_compare_cli_tiny_writes_the_three_reports(tmp_path, monkeypatch, capsys
         assert os.path.isfile(os.path.join(run["output_dir"], "metrics.jsonl"))
     for label in ("dopd", "vanilla_opd"):
         entry = report["summary"][label]
-        assert entry["ok"] == 1 and len(entry["heldout_after"]) == 2  # mean and std
+        assert entry["ok"] == 1 and len(entry["heldout_after"]) == 2 and len(entry["after"]) == 2  # mean, std
     text = open(out / "compare.md").read()
-    assert "held-out after" in text and "±" in text and "| dopd |" in text and "| vanilla_opd |" in text
+    assert "heldout after" in text and "±" in text and "| dopd |" in text and "| vanilla_opd |" in text
     assert os.path.getsize(out / "compare.png") > 1000
     assert os.path.isfile(out / "data" / "train.jsonl") and os.path.isfile(out / "data" / "eval.jsonl")
     assert "| dopd |" in capsys.readouterr().out
