@@ -121,6 +121,14 @@ def markdown(report: dict[str, Any]) -> str:
         row += [_fmt(e["step_std"]), _fmt(e["worst_drop"])]
         row += [f"{e['route_fractions'][r]:.2f}" if e["ok"] else "-" for r in ROUTE_NAMES]
         lines.append("| " + " | ".join(row) + " |")
+    steps = sorted({c[0] for e in summ.values() for c in e["curve"]})
+    if steps:
+        lines += ["", f"{curve} accuracy over steps (mean ± std over seeds):", "",
+                  "| run | " + " | ".join(str(s) for s in steps) + " |", "|" + "---|" * (len(steps) + 1)]
+        for label, e in summ.items():
+            at = {c[0]: c for c in e["curve"]}
+            lines.append(f"| {label} | " + " | ".join(
+                f"{at[s][1]:.3f} ± {at[s][2]:.3f}" if s in at else "-" for s in steps) + " |")
     lines += ["", "Route columns: fraction of tokens per route over the last tenth of the steps (the routing is "
               "computed for every preset). Per-route loss over the last tenth of the steps: "]
     for label, e in summ.items():

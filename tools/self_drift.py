@@ -4,8 +4,8 @@
         --cache-dir /tmp/cache --output-dir /tmp/drift-live
 
 Runs the ordinary trainer on a built-in task one step at a time. Every ``--every`` steps it records the
-student's held-out accuracy without the hint, the self model's accuracy WITH the hint (what the self
-routes distil from), how much the hint still changes the model's prediction of its own samples (mean
+student's held-out accuracy without the hint, the self model's and the student's accuracy WITH the
+hint (what the self routes distil from; the same model for a live self), how much the hint still changes the model's prediction of its own samples (mean
 |log p(y | x) - log p_self(y | x, hint)| over the sampled tokens: near 0 means the self ignores the
 hint), the route fractions and per-route losses of that step, and one greedy response. Writes
 ``drift.jsonl`` and prints a table.
@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             rec = {"step": step,
                    "student_acc": accuracy(trainer.student, cfg, task, probe),
                    "self_hinted_acc": accuracy(self_model, cfg, task, probe, hinted=True),
+                   "student_hinted_acc": accuracy(trainer.student, cfg, task, probe, hinted=True),
                    "hint_effect": hint_effect,
                    **{k: row.get(k) for k in ("loss", "frac/LH", "frac/LL", "frac/HT", "frac/HS", "loss/LH",
                                               "loss/LL", "loss/HT", "loss/HS", "q_self_mean", "q_teacher_mean")}}

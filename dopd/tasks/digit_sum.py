@@ -244,7 +244,7 @@ class DigitSumTask(BuiltinTask):
             train=64, evals={HELDOUT: 8, "ood": 4, "prior": 4, "dev": 0}),
     }
 
-    defaults = dict(output_dir="dopd-default", learning_rate=2e-3, max_steps=100, self_model="frozen",
+    defaults = dict(output_dir="dopd-default", learning_rate=1e-3, max_steps=100, self_model="frozen",
                     prompts_per_step=16, num_generations=4, max_new_tokens=36, temperature=1.0, warmup_ratio=0.05,
                     max_grad_norm=1.0, eval_batch_size=128, save_every=0, eval_every=20, answer_marker="####")
 
