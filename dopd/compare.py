@@ -236,12 +236,17 @@ def run_compare(base: TrainConfig, specs: Sequence[RunSpec], output_dir: str, jo
         "task": common.task or _default_task(), "task_size": common.task_size, "date": started.isoformat(timespec="seconds"),
         "machine": machine, "jobs": jobs, "wall_s": time.perf_counter() - t0, "eval_split": eval_split,
         "cpu_s": sum(r.get("cpu_s", 0.0) for r in results), "config": common_dict,
-        "splits": {k: sum(1 for _ in open(p)) for k, p in splits.items()}, "reference": reference,
+        "splits": {k: _count_lines(p) for k, p in splits.items()}, "reference": reference,
         "runs": results,
     }
     report["summary"] = summarize(results, reference)
     write_reports(report, output_dir)
     return report
+
+
+def _count_lines(path: str) -> int:
+    with open(path, encoding="utf-8") as fh:
+        return sum(1 for line in fh if line.strip())
 
 
 def _default_task() -> str:
@@ -257,22 +262,22 @@ def _csv(text: str) -> list[str]:
 
 def add_compare_parser(sub: Any) -> None:
     """Register ``dopd compare`` on the CLI's subparsers."""
-    cp = sub.add_parser("compare", help="presets x seeds on a built-in task -> compare.json/.md/.png",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    cp = sub.add_parser("compare", help="presets x seeds on a built-in task -> compare.json/.md/.png")
     cp.add_argument("--output-dir", required=True, help="where the runs, data and reports go")
     cp.add_argument("--task", help="a built-in task (default: the default task)")
-    cp.add_argument("--task-size", default="full", help="full | small (quick looks) | tiny (seconds)")
+    cp.add_argument("--task-size", default="full", help="full (default) | small (quick looks) | tiny (seconds)")
     cp.add_argument("--presets", default="dopd,vanilla_opd,opsd,sdpo,gkd",
-                    help="comma-separated presets, ablations dopd_no_LH|LL|HT|HS, NAME@live|frozen|ema")
+                    help="comma-separated presets, ablations dopd_no_LH|LL|HT|HS, NAME@live|frozen|ema "
+                         "(default: dopd,vanilla_opd,opsd,sdpo,gkd)")
     cp.add_argument("--ablations", action="store_true", help="add dopd_no_LH, dopd_no_LL, dopd_no_HT, dopd_no_HS")
     cp.add_argument("--self-models", default="", help="comma-separated self models to cross with the presets "
                                                       "that read the self (default: the task's)")
-    cp.add_argument("--seeds", type=int, default=3, help="number of seeds (0, 1, ..., N-1)")
+    cp.add_argument("--seeds", type=int, default=3, help="number of seeds: 0, 1, ..., N-1 (default: 3)")
     cp.add_argument("--jobs", type=int, default=0, help="parallel runs (0: one per usable core)")
     cp.add_argument("--max-steps", type=int, help="steps per run (default: the task's)")
     cp.add_argument("--eval-every", type=int, help="evaluation every N steps (default: the task's)")
-    cp.add_argument("--eval-split", default="heldout", help="the split scored over the steps: heldout (results) "
-                                                           "or dev (choosing settings; --task-size small)")
+    cp.add_argument("--eval-split", default="heldout", help="the split scored over the steps: heldout (default; "
+                                                           "results) or dev (choosing settings; --task-size small)")
     cp.add_argument("--cache-dir", help="where the task's teacher and student are cached")
     cp.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="a TrainConfig field for every run, e.g. learning_rate=1e-3 (repeatable)")

@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--student", help="a student checkpoint (default: the task's initial student)")
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--by-right", action="store_true", help="also split each class by right / wrong samples")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     from transformers.utils import logging as hf_logging
@@ -122,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         kinds = classify(rec.prompt, prob.solution(hinted=True), text)
         for j, (kind, on_path, right) in enumerate(kinds[:n_valid]):
             key = (kind, "natural hint" if natural else "other hint", "on path" if on_path else "off path")
+            if args.by_right:
+                key = key + ("right" if right else "wrong",)
             s = stats[key]
             s["n"] += 1
             s["routes"][int(out.route[i, j])] += 1
@@ -129,14 +132,16 @@ def main(argv: list[str] | None = None) -> int:
             s["qS"] += float(out.q_self[i, j])
             s["right"] += right
     rows = []
-    print(f"{'kind':8} {'hint':13} {'path':9} {'n':>5}  {'LH':>5} {'LL':>5} {'HT':>5} {'HS':>5}  {'q_T':>5} {'q_S':>5} {'right':>5}")
+    print(f"{'kind':8} {'hint':13} {'path':9} {'sample':6} {'n':>5}  {'LH':>5} {'LL':>5} {'HT':>5} {'HS':>5}  "
+          f"{'q_T':>5} {'q_S':>5} {'right':>5}")
     for key in sorted(stats):
         s = stats[key]
         fr = [c / s["n"] for c in s["routes"]]
-        row = dict(kind=key[0], hint=key[1], path=key[2], n=s["n"], LH=fr[0], LL=fr[1], HT=fr[2], HS=fr[3],
-                   q_teacher=s["qT"] / s["n"], q_self=s["qS"] / s["n"], right=s["right"] / s["n"])
+        row = dict(kind=key[0], hint=key[1], path=key[2], sample=key[3] if len(key) > 3 else "all", n=s["n"],
+                   LH=fr[0], LL=fr[1], HT=fr[2], HS=fr[3], q_teacher=s["qT"] / s["n"], q_self=s["qS"] / s["n"],
+                   right=s["right"] / s["n"])
         rows.append(row)
-        print(f"{key[0]:8} {key[1]:13} {key[2]:9} {s['n']:5d}  " + " ".join(f"{v:5.2f}" for v in fr)
+        print(f"{key[0]:8} {key[1]:13} {key[2]:9} {row['sample']:6} {s['n']:5d}  " + " ".join(f"{v:5.2f}" for v in fr)
               + f"  {row['q_teacher']:5.2f} {row['q_self']:5.2f} {row['right']:5.2f}")
     with open(os.path.join(args.output_dir, "anatomy.json"), "w") as fh:
         json.dump(rows, fh, indent=1)
