@@ -86,12 +86,12 @@ class DOPDConfig(DistillationConfig):
                                                                  "reference.", "choices": list(LOSS_BACKENDS)})
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        if isinstance(self.route_table, str):  # the CLI passes JSON
+        if isinstance(self.route_table, str):  # the CLI passes JSON; parsed here to name the field on an error
             try:
                 self.route_table = json.loads(self.route_table)
             except json.JSONDecodeError as err:
                 raise ValueError(f"route_table: not valid JSON: {err}") from None
+        super().__post_init__()
         if self.self_model not in SELF_MODELS:
             raise ValueError(f"self_model must be one of {SELF_MODELS}, got {self.self_model!r}")
         if self.loss_backend not in LOSS_BACKENDS:
