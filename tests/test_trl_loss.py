@@ -179,3 +179,38 @@ def test_gkd_matches_trl_distillation_trainer(tmp_path, family, beta):
     assert abs(dopd_loss - trl_loss) <= 2e-6 * trl_loss
     assert dopd_grads.keys() == trl_grads.keys() and len(trl_grads) > 0
     _assert_grads_close(dopd_grads, trl_grads, rel=1e-5)
+
+
+def test_frozen_self_of_a_peft_student_is_the_base_model(tmp_path):
+    """With LoRA, self_model='frozen' is the base model with the adapters off: the same self pass as a plain copy
+    of the initial student run live, while the student pass does use the adapters."""
+    peft = pytest.importorskip("peft")
+    tok = setup.tokenizer()
+    base, teacher = setup.tiny_llama("student", tok, seed=0), setup.tiny_llama("teacher", tok, seed=1)
+    rows = setup.examples(4, seed=9, empty_every=3)
+    fixed = setup.completions(4, len(tok), seed=10)
+    seen = {}
+
+    def run(model, name, **config):
+        class Recording(DOPDTrainer):
+            def _routed_loss(self, **kwargs):
+                seen[name] = {k: kwargs[k].detach().clone() for k in ("student_hidden", "self_hidden")}
+                return super()._routed_loss(**kwargs)
+
+        args = DOPDConfig(output_dir=str(tmp_path / name), per_device_train_batch_size=4, route_top_k=8, **COMMON,
+                          **config)
+        trainer = Recording(model=model, teacher_model=teacher, args=args,
+                            train_dataset=datasets.Dataset.from_list(rows), processing_class=tok, **(
+                                {"peft_config": peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])}
+                                if name == "lora" else {}))
+        if name == "lora":  # LoRA starts as the identity (B = 0): make the adapters change the model
+            for n, p in trainer.model.named_parameters():
+                if "lora_B" in n:
+                    torch.nn.init.normal_(p, std=0.5)
+        return _loss_and_grads(trainer, [_batch(trainer, rows, fixed)])
+
+    _, lora_grads = run(copy.deepcopy(base), "lora", self_model="frozen")
+    run(copy.deepcopy(base), "plain", self_model="live")
+    torch.testing.assert_close(seen["lora"]["self_hidden"], seen["plain"]["self_hidden"], rtol=1e-12, atol=1e-12)
+    assert (seen["lora"]["student_hidden"] - seen["plain"]["student_hidden"]).abs().max() > 1e-3
+    assert lora_grads and all("lora_" in n for n in lora_grads)  # only the adapters train (TRL's PEFT set-up)
