@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
-from transformers import AutoTokenizer, HfArgumentParser
+from transformers import HfArgumentParser
 
 from dopd.integrations.trl import DOPDConfig, DOPDTrainer
 
@@ -71,18 +71,17 @@ def tiny_setup(num_prompts: int) -> tuple[Any, Any, Any, Any]:
 
 
 def real_setup(script: ScriptArguments) -> tuple[Any, Any, Any, Any]:
-    """Names/paths are loaded by the trainer (TRL's model_init_kwargs apply); the tokenizer is the student's."""
+    """Names/paths are loaded by the trainer, as TRL loads them (``--model-init-kwargs``, the student's tokenizer)."""
     from datasets import load_dataset
 
     if not (script.student and script.teacher and script.dataset):
         raise SystemExit("trl_dopd.py: error: --student, --teacher and --dataset go together "
                          "(none of them: the offline tiny run)")
-    tokenizer = AutoTokenizer.from_pretrained(script.student, padding_side="left")
     if script.dataset.endswith((".json", ".jsonl")):
         dataset = load_dataset("json", data_files=script.dataset, split="train")
     else:
         dataset = load_dataset(script.dataset, split=script.dataset_split)
-    return script.student, script.teacher, tokenizer, dataset
+    return script.student, script.teacher, None, dataset
 
 
 def main(argv: Optional[list[str]] = None) -> DOPDTrainer:

@@ -36,7 +36,7 @@ def _loss_and_grads(trainer, micro_batches):
     for mb in micro_batches:
         loss = trainer.compute_loss(trainer.model, mb)
         loss.backward()
-        total += float(loss)
+        total += float(loss.detach())
     grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
     return total, grads
 

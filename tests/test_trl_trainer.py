@@ -3,6 +3,7 @@ fields, the logit post-processing read from model configs, and the example scrip
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import math
@@ -97,6 +98,10 @@ def test_trl_version_outside_the_tested_range(tmp_path, models, tok, monkeypatch
     monkeypatch.setattr(trl, "__version__", "1.17.0")
     with pytest.raises(TRLVersionError, match="trl 1.17.0 is installed"):
         _trainer(tmp_path, models, tok)
+    import dopd.integrations.trl as integration
+
+    with pytest.raises(TRLVersionError, match="trl 1.17.0 is installed"):
+        importlib.reload(integration)  # the import itself refuses
     monkeypatch.setenv("DOPD_ALLOW_UNTESTED_TRL", "1")
     with pytest.warns(RuntimeWarning, match="trl 1.17.0"):
         check_trl_version()
