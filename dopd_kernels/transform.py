@@ -55,6 +55,47 @@ class LogitTransform:
         capped = torch.tanh(z * (self.scale / self.softcap)) * self.softcap
         return torch.where(z == float("-inf"), z, capped)
 
+    # The chunked paths use the two in-place methods below, at the one point where each chunk's logits
+    # are formed and the one point where a logit gradient is folded into the projection's gradients.
+    # For the identity they do exactly what the code did before transforms existed (one multiply by
+    # 1/tau, one per-row multiply of the gradient), so the common case costs nothing extra.
+
+    def apply_(self, z: Tensor, inv_tau: float = 1.0) -> Tensor:
+        """In place on a fresh chunk of raw logits: ``z <- transform(z) * inv_tau``; returns ``z``.
+
+        No autograd (the chunked paths use closed-form gradients, see :meth:`chain_grad_`).
+        """
+        if self.softcap is None:
+            factor = self.scale * inv_tau  # scale and temperature in one pass
+            return z if factor == 1.0 else z.mul_(factor)
+        # tanh(-inf) = -1 would give a masked vocabulary entry the finite logit -softcap: remember them.
+        # (Only -inf biases produce these; the two passes are paid by soft-capped models only.)
+        masked = torch.isneginf(z)
+        z.mul_(self.scale / self.softcap).tanh_().mul_(self.softcap * inv_tau)
+        return z.masked_fill_(masked, float("-inf"))
+
+    @property
+    def grad_needs_logits(self) -> bool:
+        """Whether :meth:`chain_grad_` reads the transformed logits (only a soft-cap's derivative does)."""
+        return self.softcap is not None
+
+    def chain_grad_(self, dz: Tensor, logits: Optional[Tensor], inv_tau: float, row_weight: Tensor) -> Tensor:
+        """In place: the gradient w.r.t. :meth:`apply_`'s output -> the gradient w.r.t. the raw logits.
+
+        dz: (C, V) gradient w.r.t. ``transform(z) * inv_tau``; logits: that output (read only for a
+        soft-cap, may be None otherwise); row_weight: (C,) per-row factor folded in on the way (the
+        reduction weights). d/dz [softcap tanh(scale z / softcap)] = scale (1 - tanh^2), and
+        tanh = logits / (inv_tau softcap); a pure multiplier is one scalar, folded into the row factor.
+        """
+        rows = row_weight * (inv_tau * self.scale)
+        if self.softcap is None:
+            return dz.mul_(rows[:, None])
+        # Clamping tanh to [-1, 1] gives -inf logits (masked entries, dz = 0) a zero derivative instead
+        # of 0 * inf = NaN; finite logits are within the bound already (up to rounding).
+        slope = logits.mul(1.0 / (inv_tau * self.softcap)).clamp_(-1.0, 1.0)
+        slope.square_().neg_().add_(1.0).mul_(rows[:, None])
+        return dz.mul_(slope)
+
 
 IDENTITY = LogitTransform()
 
