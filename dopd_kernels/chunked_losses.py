@@ -148,9 +148,11 @@ def gathered_logprobs(h: Tensor, idx: Tensor, student: Projection,
     # embedding's gather is faster than advanced indexing on CPU
     w_rows = torch.nn.functional.embedding(idx, student.weight).to(h.dtype)
     z = torch.bmm(w_rows, h[:, :, None]).squeeze(2)
+    b_rows = None
     if student.bias is not None:
-        z = z + student.bias.index_select(0, idx.reshape(-1)).view_as(z).to(h.dtype)
-    z = student.transform.apply_(z, inv_tau)
+        b_rows = student.bias.index_select(0, idx.reshape(-1)).view_as(z).to(h.dtype)
+        z = z + b_rows
+    z = student.transform.apply_(z, inv_tau, b_rows)
     return z.log_softmax(-1), w_rows, z
 
 

@@ -42,7 +42,7 @@ def scaled_logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], inv_ta
                   transform: LogitTransform = IDENTITY) -> Tensor:
     """``transform(hidden @ weight.T + bias) * inv_tau`` in the weight's dtype. Shapes: (C, H), (V, H) -> (C, V)."""
     z = hidden.to(weight.dtype) @ weight.T if bias is None else torch.addmm(bias, hidden.to(weight.dtype), weight.T)
-    return transform.apply_(z, inv_tau)
+    return transform.apply_(z, inv_tau, bias)
 
 
 def linear_stats(

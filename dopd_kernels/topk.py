@@ -19,9 +19,27 @@ def topk_lower_id(z: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
     The ids within a row are not sorted (every consumer reduces over K). V < 2**24 (the keys are
     floats in z's dtype; float32 or float64).
-    Cost: two ``torch.topk`` and four elementwise passes over R x V.
+    Cost: one ``torch.topk`` of k + 1; rows where a tie crosses the cut (all rows on a GPU, where
+    finding them would be a host sync) add another topk and four elementwise passes.
     """
-    kth = torch.topk(z, k, dim=1).values[:, -1:]  # the value at the cut (sorted: the last one)
+    if k >= z.shape[1]:  # everything is selected: no choice to make
+        return torch.topk(z, k, dim=1)
+    # One more than asked: a tie crosses the cut exactly where the (k+1)-th value equals the k-th.
+    vals, idx = torch.topk(z, k + 1, dim=1)
+    kth, crossing = vals[:, k - 1:k], vals[:, k] == vals[:, k - 1]
+    vals, idx = vals[:, :k].contiguous(), idx[:, :k].contiguous()
+    if z.device.type != "cpu":
+        return _lower_ids_at_cut(z, kth, k)
+    rows = crossing.nonzero().squeeze(1)  # on the CPU this costs no device sync
+    if rows.numel():
+        fixed_vals, fixed_idx = _lower_ids_at_cut(z.index_select(0, rows), kth.index_select(0, rows), k)
+        vals.index_copy_(0, rows, fixed_vals)
+        idx.index_copy_(0, rows, fixed_idx)
+    return vals, idx
+
+
+def _lower_ids_at_cut(z: Tensor, kth: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The top-k of rows of z whose k-th largest value is kth (R, 1), taking the lowest ids at the cut."""
     # A key that is +inf above the cut, V - id at the cut and 0 below: its top-K is everything above
     # the cut plus the lowest ids at the cut (fewer than k entries are above it, at least k are >= it).
     ids_desc = torch.arange(z.shape[1], 0, -1, dtype=z.dtype, device=z.device)

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch.autograd import gradcheck
 
 from dopd_kernels import PRESETS, LogitTransform, RoutedDistillationLoss, RouteConfig, RouteSpec, routed_loss
-from dopd_kernels.topk import topk_lower_id
+from dopd_kernels.topk import _lower_ids_at_cut, topk_lower_id
 
 from _inputs import assert_outputs_close, make_inputs, rel_err, run_backend
 
@@ -221,11 +221,18 @@ def test_identity_transform_is_bitwise_the_plain_path():
 @pytest.mark.parametrize("tf", [LogitTransform(), LogitTransform(scale=0.3), LogitTransform(scale=2.0, softcap=3.0),
                                 LogitTransform(softcap=0.5)], ids=repr)
 @pytest.mark.parametrize("inv_tau", [1.0, 0.6])
-def test_apply_and_chain_grad_match_autograd(tf, inv_tau):
+@pytest.mark.parametrize("bias_kind", ["none", "columns", "entries"])  # (V,) as in a chunk, (C, K) as gathered
+def test_apply_and_chain_grad_match_autograd(tf, inv_tau, bias_kind):
     g = torch.Generator().manual_seed(1)
     z = torch.randn(6, 11, generator=g, dtype=torch.float64) * 4.0
     z[:, 0] = 500.0  # saturated
-    z[1, 3] = z[4, 7] = float("-inf")  # masked entries
+    bias = {"none": None, "columns": torch.zeros(11, dtype=torch.float64),
+            "entries": torch.zeros(6, 11, dtype=torch.float64)}[bias_kind]
+    if bias_kind == "columns":
+        bias[[3, 7]] = float("-inf")  # masked vocabulary entries
+    elif bias_kind == "entries":
+        bias[1, 3] = bias[4, 7] = bias[4, 8] = float("-inf")
+    z = z if bias is None else z + bias
     dy = torch.randn(6, 11, generator=g, dtype=torch.float64)
     dy[torch.isneginf(z)] = 0.0  # a softmax-based loss sends no gradient to a -inf logit
     row_weight = torch.rand(6, generator=g, dtype=torch.float64)
@@ -234,12 +241,13 @@ def test_apply_and_chain_grad_match_autograd(tf, inv_tau):
     want = tf.apply(leaf) * inv_tau
     (want_grad,) = torch.autograd.grad(want, leaf, dy * row_weight[:, None])
 
-    got = tf.apply_(z.clone(), inv_tau)
+    got = tf.apply_(z.clone(), inv_tau, bias)
     assert torch.equal(torch.isneginf(got), torch.isneginf(z))
     torch.testing.assert_close(got, want.detach(), rtol=1e-14, atol=1e-14)
     got_grad = tf.chain_grad_(dy.clone(), got if tf.grad_needs_logits else None, inv_tau, row_weight)
     assert torch.isfinite(got_grad).all()
     torch.testing.assert_close(got_grad, torch.nan_to_num(want_grad), rtol=1e-12, atol=1e-12)
+    assert (got_grad[torch.isneginf(z)] == 0).all()
 
 
 def test_topk_lower_id_breaks_ties_by_the_lower_id():
@@ -251,6 +259,10 @@ def test_topk_lower_id_breaks_ties_by_the_lower_id():
     assert torch.equal(vals, z.gather(1, idx))
     g = torch.Generator().manual_seed(2)
     many = torch.randint(0, 4, (50, 300), generator=g).double()  # heavy ties: the stable sort is the rule
+    many[:10] = torch.randn(10, 300, generator=g, dtype=torch.float64)  # rows without ties (topk's own answer)
     for k in (1, 7, 64, 300):
-        want = torch.sort(many, dim=1, descending=True, stable=True).indices[:, :k]
-        assert torch.equal(topk_lower_id(many, k)[1].sort(1).values, want.sort(1).values)
+        want = torch.sort(many, dim=1, descending=True, stable=True).indices[:, :k].sort(1).values
+        assert torch.equal(topk_lower_id(many, k)[1].sort(1).values, want)
+        # The GPU branch fixes every row (no host sync to find the tied ones): same answer.
+        kth = torch.topk(many, k, dim=1).values[:, -1:]
+        assert torch.equal(_lower_ids_at_cut(many, kth, k)[1].sort(1).values, want)
