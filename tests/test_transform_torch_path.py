@@ -108,7 +108,8 @@ def test_minus_inf_bias_with_softcap_stays_masked(preset, top_k):
 def _saturated_inputs(dtype):
     """Logits of magnitude ~100-1000 under caps of 2-3: most entries sit exactly at +-softcap (ties)."""
     inp = make_inputs(lead=(4, 9), vt=40, logit_scale=200.0, dtype=dtype, hard_labels=True)
-    inp.extra = dict(student_transform=LogitTransform(softcap=3.0), teacher_transform=LogitTransform(scale=2.0, softcap=2.0))
+    inp.extra = dict(student_transform=LogitTransform(softcap=3.0),
+                     teacher_transform=LogitTransform(scale=2.0, softcap=2.0))
     return inp
 
 
@@ -116,9 +117,9 @@ def test_saturated_softcap_ties_pick_the_lower_id_like_the_reference():
     inp = _saturated_inputs(torch.float64)
     cfg = RouteConfig(top_k=5, chunk_size=4, ce_weight=0.1)
     # Non-vacuous: at the top-K cut of the teacher and of the self, more entries tie than there are slots.
-    for hidden, weight, bias, tf in ((inp.teacher_hidden, inp.teacher_weight[:37], inp.teacher_bias[:37],
-                                      inp.extra["teacher_transform"]),
-                                     (inp.self_hidden, inp.student_weight, inp.student_bias, inp.extra["student_transform"])):
+    sources = ((inp.teacher_hidden, inp.teacher_weight[:37], inp.teacher_bias[:37], inp.extra["teacher_transform"]),
+               (inp.self_hidden, inp.student_weight, inp.student_bias, inp.extra["student_transform"]))
+    for hidden, weight, bias, tf in sources:
         z = tf.apply(hidden.reshape(-1, hidden.shape[-1]) @ weight.T + bias)
         kth = z.topk(5).values[:, -1:]
         ambiguous = ((z == kth).sum(1) > (z.topk(5).values == kth).sum(1)).sum()
@@ -146,7 +147,8 @@ def test_temperature_divides_after_the_transform(temperature):
     # Folding tau into the transform's scale is NOT the same thing under a soft-cap.
     folded = dict(student_transform=LogitTransform(scale=1.7 / temperature, softcap=5.0),
                   teacher_transform=LogitTransform(scale=0.5 / temperature, softcap=7.0))
-    wrong = routed_loss(*inp.args(), **inp.kwargs() | folded, config=RouteConfig(top_k=6, chunk_size=7), backend="torch")
+    wrong = routed_loss(*inp.args(), **inp.kwargs() | folded, config=RouteConfig(top_k=6, chunk_size=7),
+                        backend="torch")
     assert rel_err(wrong.loss, out.loss) > 1e-3
 
 
