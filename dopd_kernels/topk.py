@@ -26,11 +26,11 @@ def topk_lower_id(z: Tensor, k: int) -> tuple[Tensor, Tensor]:
         return torch.topk(z, k, dim=1)
     # One more than asked: a tie crosses the cut exactly where the (k+1)-th value equals the k-th.
     vals, idx = torch.topk(z, k + 1, dim=1)
-    kth, crossing = vals[:, k - 1:k], vals[:, k] == vals[:, k - 1]
-    vals, idx = vals[:, :k].contiguous(), idx[:, :k].contiguous()
+    kth = vals[:, k - 1:k]
     if z.device.type != "cpu":
         return _lower_ids_at_cut(z, kth, k)
-    rows = crossing.nonzero().squeeze(1)  # on the CPU this costs no device sync
+    rows = (vals[:, k] == vals[:, k - 1]).nonzero().squeeze(1)  # on the CPU this costs no device sync
+    vals, idx = vals[:, :k].contiguous(), idx[:, :k].contiguous()
     if rows.numel():
         fixed_vals, fixed_idx = _lower_ids_at_cut(z.index_select(0, rows), kth.index_select(0, rows), k)
         vals.index_copy_(0, rows, fixed_vals)
