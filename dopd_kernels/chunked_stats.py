@@ -1,8 +1,9 @@
 """Statistics pass of the PyTorch path: per-token log-sum-exp, target logit and top-K, chunk by chunk.
 
-For each chunk of C tokens the logits ``(h W^T + b) / tau`` (C x V) live only inside the loop, so
-memory is O(C x V + N x K). Cost per model: one N x H x V GEMM, one log-sum-exp pass and (when a
-top-K route reads this source) one top-K pass over N x V.
+For each chunk of C tokens the logits ``transform(h W^T + b) / tau`` (C x V) live only inside the
+loop, so memory is O(C x V + N x K). Cost per model: one N x H x V GEMM, one log-sum-exp pass and (when
+a top-K route reads this source) one top-K pass over N x V; a soft-cap adds a few elementwise passes
+and, for the top-K, the tie rule of ``topk.topk_lower_id``.
 """
 
 from __future__ import annotations
@@ -12,12 +13,15 @@ from typing import Optional
 
 import torch
 
+from .topk import topk_lower_id
+from .transform import IDENTITY, LogitTransform
+
 Tensor = torch.Tensor
 
 
 @dataclass
 class LinearStats:
-    """Per-token statistics of one model over its first V vocabulary rows (temperature applied).
+    """Per-token statistics of one model over its first V vocabulary rows (transform and temperature applied).
 
     lse: (N,) log-sum-exp of the scaled logits. target_logit: (N,) scaled logit at the target.
     topk_vals / topk_idx: (N, K) scaled logits and vocabulary ids of the top-K, or None.
@@ -34,12 +38,11 @@ class LinearStats:
         return self.target_logit - self.lse
 
 
-def scaled_logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], inv_tau: float) -> Tensor:
-    """``(hidden @ weight.T + bias) * inv_tau`` in the weight's dtype. Shapes: (C, H), (V, H) -> (C, V)."""
+def scaled_logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], inv_tau: float,
+                  transform: LogitTransform = IDENTITY) -> Tensor:
+    """``transform(hidden @ weight.T + bias) * inv_tau`` in the weight's dtype. Shapes: (C, H), (V, H) -> (C, V)."""
     z = hidden.to(weight.dtype) @ weight.T if bias is None else torch.addmm(bias, hidden.to(weight.dtype), weight.T)
-    if inv_tau != 1.0:
-        z.mul_(inv_tau)
-    return z
+    return transform.apply_(z, inv_tau, bias)
 
 
 def linear_stats(
@@ -51,12 +54,17 @@ def linear_stats(
     inv_tau: float,
     top_k: int,
     chunk_size: int,
+    transform: LogitTransform = IDENTITY,
 ) -> LinearStats:
-    """Log-sum-exp, target logit and (if ``top_k`` > 0) top-K of ``hidden @ weight.T``, without N x V.
+    """Log-sum-exp, target logit and (if ``top_k`` > 0) top-K of ``transform(hidden @ weight.T + bias)``
+    over the temperature, without N x V.
 
     hidden (N, H) any float dtype; weight (V, H) and bias (V,) already in the compute dtype;
     targets (N,) int64 in [0, V). Outputs are in the weight's dtype.
     """
+    # A soft-cap makes exact ties common (saturated logits): pick among them by the project's rule, as
+    # the reference does. Without one, ties are as rare as in the raw GEMM and plain topk is cheaper.
+    exact_ties = transform.softcap is not None
     n, dtype, device = hidden.shape[0], weight.dtype, weight.device
     lse = torch.empty(n, dtype=dtype, device=device)
     target_logit = torch.empty(n, dtype=dtype, device=device)
@@ -64,9 +72,11 @@ def linear_stats(
     topk_idx = torch.empty(n, top_k, dtype=torch.int64, device=device) if top_k else None
     for start in range(0, n, chunk_size):
         stop = min(start + chunk_size, n)
-        z = scaled_logits(hidden[start:stop], weight, bias, inv_tau)
+        z = scaled_logits(hidden[start:stop], weight, bias, inv_tau, transform)
         target_logit[start:stop] = z.gather(1, targets[start:stop, None]).squeeze(1)
-        if top_k:
+        if top_k and exact_ties:
+            topk_vals[start:stop], topk_idx[start:stop] = topk_lower_id(z, top_k)
+        elif top_k:
             torch.topk(z, top_k, dim=1, out=(topk_vals[start:stop], topk_idx[start:stop]))
         # log-sum-exp in place on the chunk we own: max, then exp(z - max) summed (no extra C x V buffer)
         zmax = z.amax(dim=1, keepdim=True)
