@@ -156,7 +156,7 @@ def test_gkd_matches_trl_distillation_trainer(tmp_path, family, beta):
     """TRL as the judge: same batch, same beta and temperature, two accumulation steps -> same loss and gradients.
 
     Gemma 2 soft-caps its logits and Cohere scales them: the trainer passes them to routed_loss as
-    LogitTransforms (the reference backend implements them; the torch path is being added on branch i11k).
+    LogitTransforms, on the default (PyTorch) path.
     """
     tok = setup.tokenizer()
     build = {"llama": _llama, "gemma2": _gemma2, "cohere": _cohere}[family]
@@ -165,7 +165,7 @@ def test_gkd_matches_trl_distillation_trainer(tmp_path, family, beta):
     fixed = setup.completions(4, len(tok), seed=8, lengths=[3, 8, 5, 1])
     common = dict(COMMON, per_device_train_batch_size=2, gradient_accumulation_steps=2, beta=beta, temperature=0.8)
     dataset = datasets.Dataset.from_list(rows)
-    backend = "torch" if family == "llama" else "reference"
+    backend = "torch"
     results = []
     for cls, args in ((DistillationTrainer, DistillationConfig(output_dir=str(tmp_path / "trl"), **common)),
                       (DOPDTrainer, DOPDConfig(output_dir=str(tmp_path / "dopd"), preset="gkd", route_top_k=8,
