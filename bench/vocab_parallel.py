@@ -6,7 +6,7 @@ predicted and measured.
 
 Prediction (``predicted_elements``: exact element counts, compared with ``vocab_parallel.comm.TRAFFIC`` by
 the run below and by tests/test_vocab_parallel.py). Per call, elements each rank contributes:
-    all-gather  30 (validation row, with check_values) + 4 n (each source's shard log-sum-exp and target logit)
+    all-gather  31 (validation row, with check_values) + 4 n (each source's shard log-sum-exp and target logit)
                 + (2 + ce) n_full (student shard lse, sampled-token / hard-label logit of each full-softmax row)
                 + 2 Kp n_topk (each top-K row's local candidates, values and ids; Kp = max_r min(K, V_r))
     all-reduce  s n_fs (divergence row sums: 1 per full-support row, 2 for JSD) + K n_topk (student logits at
@@ -31,7 +31,8 @@ import time
 from typing import Optional
 
 F32 = 4
-CHECK_ROW = 6 + 4 * 6  # validate.py: head + 4 checksums x 6 replicated inputs
+HEAD_ROW = 7  # validate.py: error flags, shard size, shapes, grad flag
+CHECK_ROW = HEAD_ROW + 4 * 6  # + 4 checksums x 6 replicated inputs
 
 
 def predicted_elements(route_counts: dict[int, int], config, sizes: list[int], hs: int, *, hidden_grad: bool = True,
@@ -49,7 +50,7 @@ def predicted_elements(route_counts: dict[int, int], config, sizes: list[int], h
     n_topk = sum(c for rid, c in route_counts.items() if routes[rid].support == "topk")
     sums = sum(c * (2 if routes[rid].divergence == "jsd" else 1) for rid, c in route_counts.items()
                if routes[rid].support == "full")
-    gather = (CHECK_ROW if check_values else 6) + 4 * n + (2 + int(ce)) * n_full + 2 * kp * n_topk
+    gather = (CHECK_ROW if check_values else HEAD_ROW) + 4 * n + (2 + int(ce)) * n_full + 2 * kp * n_topk
     reduce = sums + k * n_topk + (n * hs if hidden_grad and reduce_hidden_grad else 0)
     return {"all_gather": gather, "all_reduce": reduce}
 

@@ -30,6 +30,9 @@ TRITON_TOL = 1e-4
 # K = 20 is larger than the smaller shards (15 rows of 37 on 2 ranks, 7 and 13 of 37 on 3).
 PRESET_CASES = [dict(preset=p, config=dict(top_k=20, ce_weight=0.3)) for p in PRESETS]
 SOFTCAP = dict(student_transform=LogitTransform(softcap=2.5), teacher_transform=LogitTransform(scale=1.7))
+# Saturated soft-caps: 10 to 21 ids per row tie at the top, across the shards; the top-K must take the lowest.
+SATURATED = dict(self_transform=LogitTransform(scale=40.0, softcap=0.5),
+                 teacher_transform=LogitTransform(scale=40.0, softcap=0.5))
 
 
 def _check(results_per_rank: list[list[dict]], cases: list[dict], tol: float, sizes: list[int]) -> None:
@@ -70,6 +73,7 @@ def test_two_ranks_uneven_shards_torch():
         dict(preset="dopd", config=dict(top_k=20), reduce_hidden_grad=False),
         dict(preset="gkd", config=dict(top_k=20, ce_weight=0.2), reduce_hidden_grad=False),
         dict(preset="dopd", config=dict(top_k=20, ce_weight=0.3), transforms=SOFTCAP),
+        dict(preset="dopd", config=dict(top_k=8, ce_weight=0.3), transforms=SATURATED),
         dict(preset="vanilla_opd_sampled", config=dict(top_k=20), transforms=dict(
             student_transform=LogitTransform(scale=0.8), self_transform=LogitTransform(softcap=3.0))),
         dict(preset="dopd", config=dict(top_k=20, ce_weight=0.3), self_weight=True, module=True),
@@ -87,6 +91,7 @@ def test_three_ranks_uneven_shards_torch():
     cases = PRESET_CASES + [
         dict(preset="dopd", config=dict(top_k=20, ce_weight=0.3), transforms=SOFTCAP, reduce_hidden_grad=False),
         dict(preset="opsd", config=dict(top_k=128, jsd_beta=0.3), self_weight=True),
+        dict(preset="dopd", config=dict(top_k=16), transforms=SATURATED),
     ]
     _check(run_ranks(equivalence_worker, 3, sizes, cases, timeout=300), cases, TORCH_TOL, sizes)
 

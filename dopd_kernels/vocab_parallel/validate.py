@@ -33,7 +33,7 @@ REPLICATED = (("student_hidden", False), ("self_hidden", False), ("teacher_hidde
               ("mask", True), ("hard_labels", True))
 #: Relative tolerance of the floating-point checksums (bitwise-replicated inputs agree exactly).
 CHECKSUM_RTOL = 1e-7
-_HEAD = 6  # error flag, bias flag, V_r, N, Hs, Ht
+_HEAD = 7  # error flag, bias flag, V_r, N, Hs, Ht, d hidden wanted
 _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 
 
@@ -110,7 +110,9 @@ def validate_sharded(student_hidden, student_weight, teacher_hidden, teacher_wei
     if error is not None:
         head[0] = 1.0
     else:
-        head[2:] = torch.tensor([local, valid.numel(), student_weight.shape[1], teacher_weight.shape[1]],
+        # whether this rank will sum d hidden over the group: a rank that would not would leave the others waiting
+        wants = torch.is_grad_enabled() and student_hidden.requires_grad
+        head[2:] = torch.tensor([local, valid.numel(), student_weight.shape[1], teacher_weight.shape[1], wants],
                                 dtype=torch.float64)
     if config.check_values:
         if error is None:
@@ -156,6 +158,9 @@ def _raise_collectively(table: Tensor, rank: int, error: Optional[ValueError], b
         if not torch.all(table[:, col] == table[0, col]):
             raise ValueError(f"{name} must have the same shape on every rank of vocab_group (replicated); sizes "
                              f"{[int(v) for v in table[:, col].tolist()]} differ between ranks")
+    if not torch.all(table[:, 6] == table[0, 6]):
+        raise ValueError("student_hidden.requires_grad (and the grad mode) must be the same on every rank of "
+                         "vocab_group: the gradient of the hidden states is summed over the group")
     if not with_values:
         return
     if table[rank, 1] != 0:
