@@ -86,25 +86,29 @@ def even_sizes(vocab: int, ranks: int) -> list[int]:
 FRACTIONS = {0: 0.16, 1: 0.37, 2: 0.21, 3: 0.26}
 
 
-def print_prediction(n: int = 16384, hs: int = 2048, ht: int = 4096, vocab: int = 151936, itemsize: int = 2,
-                     ranks=(1, 2, 4, 8)) -> None:
-    """The prediction table at Qwen3-1.7B / 8B sizes (bf16, DOPD, K = 128, chunk 256)."""
-    from dopd_kernels import RouteConfig
+def prediction_table(n: int = 16384, hs: int = 2048, ht: int = 4096, vocab: int = 151936, itemsize: int = 2,
+                     ranks=(1, 2, 4, 8), emit=print) -> None:
+    """The prediction table at Qwen3-1.7B / 8B sizes (bf16, DOPD, K = 128, chunk 256), line by line to ``emit``."""
+    from dopd_kernels import ROUTES, RouteConfig
 
     config = RouteConfig.preset("dopd")
     counts = {rid: round(f * n) for rid, f in FRACTIONS.items()}
-    print(f"\nPrediction, N={n} tokens, Hs={hs}, Ht={ht}, V={vocab}, {'bf16' if itemsize == 2 else 'fp32'}, DOPD, K=128 "
-          f"(route fractions {FRACTIONS}); per rank:")
-    print("| ranks | exchanged / token (d hidden incl.) | without d hidden | per step | V-sized memory | N-sized memory |")
-    print("|---|---|---|---|---|---|")
+    dtype = "bf16" if itemsize == 2 else "fp32"
+    fractions = ", ".join(f"{name} {FRACTIONS[rid]}" for rid, name in enumerate(ROUTES))
+    emit(f"Prediction, N={n} tokens, Hs={hs}, Ht={ht}, V={vocab}, {dtype}, DOPD, K=128 (route fractions "
+         f"{fractions}); per rank:")
+    emit()
+    emit("| ranks | exchanged / token (d hidden incl.) | without d hidden | per step | V-sized memory "
+         "| N-sized memory |")
+    emit("|---|---|---|---|---|---|")
     for p in ranks:
         sizes = even_sizes(vocab, p)
         el = predicted_elements(counts, config, sizes, hs)
         el_nohid = predicted_elements(counts, config, sizes, hs, reduce_hidden_grad=False)
         b, b0 = bytes_received(el, p), bytes_received(el_nohid, p)
         mem = predicted_memory(n, hs, ht, sizes, 0, top_k=128, chunk=256, itemsize=itemsize)
-        print(f"| {p} | {b / n / 1024:.1f} KiB | {b0 / n / 1024:.1f} KiB | {b / 2**20:.0f} MiB | "
-              f"{mem['v_sized'] / 2**30:.2f} GiB | {mem['n_sized'] / 2**30:.2f} GiB |")
+        emit(f"| {p} | {b / n / 1024:.1f} KiB | {b0 / n / 1024:.1f} KiB | {b / 2**20:.0f} MiB | "
+             f"{mem['v_sized'] / 2**30:.2f} GiB | {mem['n_sized'] / 2**30:.2f} GiB |")
 
 
 # ----------------------------------------------------------------------------------------- measurement
@@ -136,8 +140,8 @@ def _rank_run(rank: int, world: int, init: str, shape: dict, repeats: int, out_d
     config = RouteConfig.preset("dopd", chunk_size=shape["chunk"])
     h = h_s.clone().requires_grad_()
 
-    def call():
-        out = routed_loss(h, w_local, h_t, t_local, h_p, ids, config=config, backend="torch", vocab_group=dist.group.WORLD)
+    def call(group=dist.group.WORLD):
+        out = routed_loss(h, w_local, h_t, t_local, h_p, ids, config=config, backend="torch", vocab_group=group)
         out.loss.backward()
         h.grad = w_local.grad = None
         return out
@@ -149,6 +153,11 @@ def _rank_run(rank: int, world: int, init: str, shape: dict, repeats: int, out_d
         start = time.perf_counter()
         out = call()
         times.append(time.perf_counter() - start)
+    plain = []
+    for _ in range(repeats if world == 1 else 0):  # the single-process path on the same tensors
+        start = time.perf_counter()
+        call(None)
+        plain.append(time.perf_counter() - start)
     comm.TRAFFIC.clear()
     dist.barrier()
     base = _status_bytes("VmRSS")
@@ -156,8 +165,8 @@ def _rank_run(rank: int, world: int, init: str, shape: dict, repeats: int, out_d
     out = call()
     peak = _status_bytes("VmHWM") - base
     counts = {rid: int((out.route == rid).sum()) for rid in range(4)}
-    torch.save(dict(times=times, traffic=dict(comm.TRAFFIC), counts=counts, peak=peak, method=method, sizes=sizes),
-               os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.save(dict(times=times, plain=plain, traffic=dict(comm.TRAFFIC), counts=counts, peak=peak, method=method,
+                    sizes=sizes), os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
@@ -181,18 +190,30 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--v", type=int, default=32768)
     parser.add_argument("--chunk", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--md", default=None, help="also write the tables into this markdown file's "
+                        "'vocab-parallel' section (bench/RESULTS.md)")
     args = parser.parse_args(argv)
-    print_prediction()
+    lines: list[str] = []
+
+    def emit(line: str = "") -> None:
+        print(line, flush=True)
+        lines.append(line)
+
+    emit("## Vocabulary-parallel loss (`python -m bench.vocab_parallel`)")
+    emit()
+    prediction_table(emit=emit)
     from dopd_kernels import RouteConfig
 
     shape = dict(n=args.n, hs=args.hs, ht=args.ht, v=args.v, chunk=args.chunk)
     config = RouteConfig.preset("dopd", chunk_size=args.chunk)
     load = os.getloadavg()[0]
-    print(f"\nMeasured (CPU, gloo, 1 thread per rank, fp32, DOPD, K=128), N={args.n}, Hs={args.hs}, Ht={args.ht}, "
-          f"V={args.v}; load average before: {load:.1f} on {os.cpu_count()} cores")
-    print("| ranks | time / call (median, slowest rank) | exchanged / token: counted (predicted) | peak extra memory "
-          "rank 0: measured (predicted: V-sized + N-sized) |")
-    print("|---|---|---|---|")
+    emit()
+    emit(f"Measured {time.strftime('%Y-%m-%d')} (CPU, gloo, 1 thread per rank, fp32, DOPD, K=128), N={args.n}, "
+         f"Hs={args.hs}, Ht={args.ht}, V={args.v}; load average before: {load:.1f} on {os.cpu_count()} cores:")
+    emit()
+    emit("| ranks | time / call (median, slowest rank) | exchanged / token: counted (predicted) | peak extra memory "
+         "rank 0: measured (predicted: V-sized + N-sized) |")
+    emit("|---|---|---|---|")
     for p in args.ranks:
         res = measure(p, shape, args.repeats)
         t = max(statistics.median(r["times"]) for r in res)
@@ -201,10 +222,22 @@ def main(argv: Optional[list[str]] = None) -> None:
         counted = bytes_received(r0["traffic"], p) / args.n
         mem = predicted_memory(args.n, args.hs, args.ht, r0["sizes"], 0, top_k=128, chunk=args.chunk, itemsize=F32)
         exact = "exact" if r0["traffic"] == predicted else f"counted {r0['traffic']} vs {predicted}"
-        print(f"| {p} | {t:.3f} s | {counted / 1024:.2f} KiB ({bytes_received(predicted, p) / args.n / 1024:.2f} KiB, "
-              f"{exact}) | {r0['peak'] / 2**20:.0f} MiB ({mem['total'] / 2**20:.0f} MiB: {mem['v_sized'] / 2**20:.0f} + "
-              f"{mem['n_sized'] / 2**20:.0f}; {r0['method']}) |")
-    print(f"load average after: {os.getloadavg()[0]:.1f}")
+        plain = f" (no group: {statistics.median(r0['plain']):.3f} s)" if r0["plain"] else ""
+        mib = {key: value / 2**20 for key, value in mem.items()}
+        emit(f"| {p} | {t:.3f} s{plain} | {counted / 1024:.2f} KiB "
+              f"({bytes_received(predicted, p) / args.n / 1024:.2f} KiB, {exact}) | {r0['peak'] / 2**20:.0f} MiB "
+              f"({mib['total']:.0f} MiB: {mib['v_sized']:.0f} + {mib['n_sized']:.0f}; {r0['method']}) |")
+    emit()
+    emit(f"Load average after: {os.getloadavg()[0]:.1f}. Traffic: elements counted in "
+         "`vocab_parallel.comm.TRAFFIC`, bytes = fp32 x (ranks - 1) x all-gather + 2 (ranks - 1) / ranks x "
+         "all-reduce. Memory: VmHWM - VmRSS of rank 0 around one call after a warm-up (the allocator reuses "
+         "freed blocks: small shapes read low).")
+    if args.md:
+        from bench.report import merge_section
+
+        existing = open(args.md).read() if os.path.exists(args.md) else ""
+        with open(args.md, "w") as fh:
+            fh.write(merge_section(existing, "vocab-parallel", "\n".join(lines)))
 
 
 if __name__ == "__main__":
