@@ -47,6 +47,7 @@ Extra memory: 2 C x V fp32 scratch (311 MB at C = 256) + the candidate lists of 
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -65,6 +66,12 @@ from .tables import route_tables
 from .topk import topk_rows
 
 Tensor = torch.Tensor
+
+
+def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
+    """Launch on ``device``: Triton launches on the current CUDA device and stream, which need not be the
+    tensors' (tensors on cuda:1 while cuda:0 is current). A no-op off CUDA."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def triton_routed_loss(
@@ -119,7 +126,7 @@ def triton_routed_loss(
     topk_sources = config.topk_sources()
     want = torch.is_grad_enabled()
 
-    with torch.no_grad():
+    with device_guard(device), torch.no_grad():
         stats = {
             "self": fused_linear_stats(h_p, w_p, b_p, y, vocab=vocab, inv_tau=inv_tau,
                                        top_k=k if "self" in topk_sources else 0),
@@ -174,17 +181,15 @@ def triton_routed_loss(
         per_token = torch.where(flat_valid, per_token, 0.0)
         loss_value = (per_token * red_w).sum()
 
+    # fp32 accumulators; attach_grads converts them (fp16: only after the scaling by grad_output)
     loss = attach_grads(
-        loss_value,
-        None if grads["hidden"] is None else grads["hidden"].reshape(student_hidden.shape).to(student_hidden.dtype),
-        None if grads["weight"] is None else grads["weight"].to(student_weight.dtype),
-        None if grads["bias"] is None else grads["bias"].to(student_bias.dtype),
-        student_hidden, student_weight, student_bias,
+        loss_value, None if grads["hidden"] is None else grads["hidden"].reshape(student_hidden.shape),
+        grads["weight"], grads["bias"], student_hidden, student_weight, student_bias,
     )
 
     def lazy_logprob() -> Tensor:
         """Student log-probs: from the full-softmax rows where computed, else one student stats pass."""
-        with torch.no_grad():
+        with device_guard(device), torch.no_grad():
             missing = torch.isnan(student_logprob)
             fresh = fused_linear_stats(h_s, w_s, b_s, y, vocab=vocab, inv_tau=inv_tau).target_logprob
             out = torch.where(missing, fresh, student_logprob)
