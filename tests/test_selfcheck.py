@@ -16,6 +16,7 @@ from dopd_kernels import RouteConfig, api, selfcheck  # noqa: E402
 # The interpreter evaluates masked-out lanes too (log(0) there): numpy RuntimeWarnings, never used values.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 CUDA0 = torch.device("cuda", 0)
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TINY = (2, 7, 16, 24, 37, 3)  # sequences, tokens, Hs, Ht, V, teacher padding: quick under the interpreter
 
 
@@ -31,8 +32,8 @@ def fresh(monkeypatch):
 
 @pytest.mark.parametrize("preset,ce", [("dopd", 0.0), ("vanilla_opd_sampled", 0.2)])
 def test_the_check_passes_when_the_paths_agree(preset, ce):
-    """The real comparison (Triton under the interpreter vs the PyTorch path) finds nothing to report."""
-    assert selfcheck.check(torch.device("cpu"), RouteConfig.preset(preset, ce_weight=ce), torch.float32,
+    """The real comparison (Triton, under the interpreter on a CPU machine, vs the PyTorch path) finds nothing."""
+    assert selfcheck.check(DEVICE, RouteConfig.preset(preset, ce_weight=ce), torch.float32,
                            shape=TINY) is None
 
 

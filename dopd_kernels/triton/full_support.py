@@ -233,14 +233,15 @@ def student_full_rows(*, order: torch.Tensor, count: torch.Tensor, student: Mode
     w_s = student.weight[:vocab]
     want_grad = any(g is not None for g in grads.values())
     half = student.weight.dtype if student.weight.dtype in (torch.bfloat16, torch.float16) else None
-    # fp16 d h / d W operands: per chunk, the rows kernel records max |dz| (one slot per chunk, zeroed once)
-    # and the GEMMs scale dz by a power of two from it before the fp16 conversion (matmul.py).
-    amax = torch.zeros(triton.cdiv(n, c_max), dtype=torch.float32, device=device) if half == torch.float16 \
-        and want_grad else None
+    # fp16 d h / d W operands: per chunk, the rows kernel records max |dz| (one slot per chunk, zeroed once;
+    # 16 bytes apart, so that every slot has the alignment the kernels are specialized for) and the GEMMs
+    # scale dz by a power of two from it before the fp16 conversion (matmul.py).
+    amax = torch.zeros(triton.cdiv(n, c_max), 4, dtype=torch.float32, device=device) \
+        if half == torch.float16 and want_grad else None
     for i, start in enumerate(range(0, n, c_max)):
         rows = order[start:start + c_max]
         c = rows.numel()
-        chunk_amax = None if amax is None else amax[i:i + 1]
+        chunk_amax = None if amax is None else amax[i, :1]
         h_c = student.hidden.index_select(0, rows)
         matmul_into(zs[:c], h_c, w_s.T, blocks=blocks, count=count, row0=start, limit="m",
                     bias=None if student.bias is None else student.bias[:vocab], scale=inv_tau)
