@@ -10,10 +10,23 @@ Stages (all on the device, no host sync, so the loss can be captured in a CUDA g
 3. ``full_support.py``  rows needing the student's full softmax (HT for DOPD; all rows for vanilla OPD,
    GKD, SDPO; plus every row when ce_weight > 0), sorted to the front; per chunk of C rows: z_s, z_src
    GEMMs into a C x V fp32 scratch, a row kernel (student lse, value, dz in place), dh and dW GEMMs with
-   fp32 accumulation: the floor's 4 GEMMs over HT + ~40 bytes x V per row of scratch traffic.
+   fp32 accumulation: the floor's 4 GEMMs over HT + ~40 bytes x V per row of scratch traffic. All N / C
+   chunks launch (the live count is on the device), but a chunk past the count returns at once: the fp32
+   d W is read and written by the HT / C live chunks only. dz enters the dh / dW GEMMs as bf16 for bf16
+   models and, for fp16 models, as fp16 after a per-chunk power-of-two scale (its max |dz| recorded by the
+   row kernel): dz carries the ~1/N reduction weight and would flush to zero in plain fp16.
 4. ``topk.py``  top-K routes: a gather kernel for the student's K logits, the renormalized divergence
    and its gradient in torch on (N, K), a scatter kernel into d h / d W / d b.
-Gradients are finished in the forward and attached by ``_AttachGrads`` (backward = scale by grad_output).
+Gradients are finished in the forward and attached by ``attach.attach_grads`` (backward = scale by
+grad_output; fp16 gradients are held in fp32 until then, so AMP's loss scale reaches them before the
+conversion). Launches run under the tensors' CUDA device (``device_guard``). Offsets that a stride
+multiplies are int64 in every kernel (V x H and C x V pass 2^31 at real sizes).
+CUDA graphs: run one call (forward and backward) before capturing: it compiles the kernels, copies the
+route tables to the device (``tables.py``; tables read during a capture are never evicted) and runs
+backend="auto"'s one-time self-check (``selfcheck.py``); use ``check_values=False`` inside the graph.
+Compile coverage: tests/test_triton_compile.py compiles every variant the launcher emits (~110: presets,
+CE, custom tables, bf16 / fp16 / fp32, biases, two-pass, gradients or not) for sm_90 and checks wgmma,
+shared memory (max 128 KB of 227 KB), 64-bit offsets and the rows kernel's barrier.
 
 Predicted H200 time, N=16384, Hs=2048, Ht=4096, V=151936, bf16, HT fraction 0.25, K=128 (not measured:
 no GPU has been lent to a build session yet):
