@@ -37,6 +37,18 @@ def test_the_check_passes_when_the_paths_agree(preset, ce):
                            shape=TINY) is None
 
 
+def test_the_check_mirrors_the_call():
+    """No student bias, a teacher bias, a frozen head (d hidden only): the problem is built the same way, so
+    it compiles the call's own kernel variants; and CallShape.of reads those facts off a call."""
+    call = selfcheck.CallShape(student_bias=False, teacher_bias=True, grad_hidden=True, grad_weight=False,
+                               grad_bias=False)
+    assert selfcheck.check(DEVICE, RouteConfig.preset("gkd"), torch.float32, shape=TINY, call=call) is None
+    h, w = torch.zeros(3, 4, requires_grad=True), torch.zeros(5, 4)
+    assert selfcheck.CallShape.of(h, w, None, torch.zeros(5)) == call
+    with torch.no_grad():
+        assert not any(selfcheck.CallShape.of(h, w, None, None)[2:])
+
+
 def test_the_comparison_reports_a_wrong_gradient():
     """_compare names what differs: a perturbed d weight, NaN per-token values, flipped routes."""
     ref = dict(loss=torch.tensor(1.0), per_token=torch.ones(6), route=torch.zeros(6, dtype=torch.long),
@@ -52,7 +64,7 @@ def test_the_comparison_reports_a_wrong_gradient():
 
 def test_a_mismatch_warns_once_and_falls_back_to_torch(fresh):
     calls = []
-    fresh.setattr(selfcheck, "check", lambda device, config, dtype: calls.append(device) or "loss 1 vs 2")
+    fresh.setattr(selfcheck, "check", lambda device, config, dtype, call: calls.append(device) or "loss 1 vs 2")
     config = RouteConfig.preset("dopd")
     with pytest.warns(RuntimeWarning, match=r"disagree with the PyTorch path on cuda:0.*triton .*loss 1 vs 2"):
         assert api._resolve_backend("auto", CUDA0, config, torch.bfloat16) == "torch"
@@ -76,7 +88,7 @@ def test_a_compile_failure_counts_as_a_mismatch(fresh):
 
 def test_agreement_is_cached_per_device(fresh):
     calls = []
-    fresh.setattr(selfcheck, "check", lambda device, config, dtype: calls.append(device))
+    fresh.setattr(selfcheck, "check", lambda device, config, dtype, call: calls.append(device))
     for _ in range(2):
         assert api._resolve_backend("auto", CUDA0, None, torch.float32) == "triton"
         assert api._resolve_backend("auto", torch.device("cuda", 1), None, torch.float32) == "triton"
