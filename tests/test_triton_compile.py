@@ -93,7 +93,8 @@ def test_offsets_from_strides_are_64_bit(launch_set):
 
 
 def test_rows_kernel_has_the_barrier_before_its_gradient_sweep(launch_set):
-    rows = [v for v in launch_set["variants"] if v["kernel"] == "_rows_kernel" and v["constexprs"]["WANT_GRAD"] == "True"]
+    rows = [v for v in launch_set["variants"]
+            if v["kernel"] == "_rows_kernel" and v["constexprs"]["WANT_GRAD"] == "True"]
     assert rows and all(v["barrier_before_last_loop"] for v in rows)
 
 

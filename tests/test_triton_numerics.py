@@ -162,7 +162,8 @@ def test_loss_with_a_masked_vocabulary(preset):
     bias[30:33] = float("-inf")
     h = torch.randn(*shape, hs, generator=g)
     t = dict(student_hidden=h, student_weight=torch.randn(vocab, hs, generator=g) * 0.6,
-             teacher_hidden=torch.randn(*shape, ht, generator=g), teacher_weight=torch.randn(vocab, ht, generator=g) * 0.8,
+             teacher_hidden=torch.randn(*shape, ht, generator=g),
+             teacher_weight=torch.randn(vocab, ht, generator=g) * 0.8,
              self_hidden=h + 0.3 * torch.randn(*shape, hs, generator=g))
     finite = torch.nonzero(torch.isfinite(bias)).squeeze(1)
     target = finite[torch.randint(0, finite.numel(), shape, generator=g)]
