@@ -4,7 +4,7 @@
 # two, a CUDA graph capture, fp16 gradients), then the rest of the test suite on the GPU (the interpreter-only
 # tests skip themselves; the sm_90 compile sweep of tests/test_triton_compile.py runs as on a CPU machine),
 # then the benchmarks at the CUDA sizes (N in {4096, 8192, 16384}, Hs=2048, Ht=4096, V=151936, bf16), then a
-# short table. The kernels compile on first use (~110 variants); Triton's cache (TRITON_CACHE_DIR, default
+# short table. The kernels compile on first use (~125 variants); Triton's cache (TRITON_CACHE_DIR, default
 # ~/.triton/cache) keeps them, and the sm_90 sweep fills the same cache entries (same target) as the GPU runs.
 #
 #   bash bench/gpu_check.sh            # writes under $OUT if set, else bench/out/

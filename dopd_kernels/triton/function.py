@@ -24,9 +24,9 @@ multiplies are int64 in every kernel (V x H and C x V pass 2^31 at real sizes).
 CUDA graphs: run one call (forward and backward) before capturing: it compiles the kernels, copies the
 route tables to the device (``tables.py``; tables read during a capture are never evicted) and runs
 backend="auto"'s one-time self-check (``selfcheck.py``); use ``check_values=False`` inside the graph.
-Compile coverage: tests/test_triton_compile.py compiles every variant the launcher emits (~110: presets,
-CE, custom tables, bf16 / fp16 / fp32, biases, two-pass, gradients or not) for sm_90 and checks wgmma,
-shared memory (max 128 KB of 227 KB), 64-bit offsets and the rows kernel's barrier.
+Compile coverage: tests/test_triton_compile.py compiles every variant the launcher emits (126: presets, CE,
+custom tables, bf16 / fp16 / fp32, biases, two-pass, gradients or not) for sm_90 and checks wgmma, shared
+memory (max 128 KB of 227 KB), 64-bit offsets and the rows kernel's barrier.
 
 Predicted H200 time, N=16384, Hs=2048, Ht=4096, V=151936, bf16, HT fraction 0.25, K=128 (not measured:
 no GPU has been lent to a build session yet):
