@@ -154,9 +154,7 @@ def chunked_routed_loss(
         d_hidden = d_hidden.reshape(student_hidden.shape)
     loss = attach_grads(
         loss_value.to(student_hidden.dtype if student_hidden.dtype == torch.float64 else torch.float32),
-        None if d_hidden is None else d_hidden.to(student_hidden.dtype),
-        None if grads.weight is None else grads.weight.to(student_weight.dtype),
-        None if grads.bias is None else grads.bias.to(student_bias.dtype),
+        d_hidden, grads.weight, grads.bias,  # converted by attach_grads (fp16: after the scaling by grad_output)
         student_hidden, student_weight, student_bias,
     )
 
