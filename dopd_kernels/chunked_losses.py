@@ -20,17 +20,23 @@ import torch
 
 from .config import RouteConfig
 from .divergences import divergence_and_grad
-from .chunked_stats import LinearStats, scaled_logits
+from .chunked_stats import LinearStats, logits_grad_to_hidden, scaled_logits
 
 Tensor = torch.Tensor
 
 
 @dataclass
 class Projection:
-    """One model's output projection in the compute dtype: weight (V, H), bias (V,) or None."""
+    """One model's output projection: weight (V, H) as stored (bf16 stays bf16: the GEMMs convert it per
+    vocabulary block), bias (V,) or None in the compute ``dtype`` (default: the weight's)."""
 
     weight: Tensor
     bias: Optional[Tensor]
+    dtype: Optional[torch.dtype] = None
+
+    def __post_init__(self) -> None:
+        if self.dtype is None:
+            self.dtype = self.weight.dtype
 
 
 @dataclass
@@ -86,8 +92,8 @@ def student_full_rows(
     inv_tau = 1.0 / config.temperature
     rids = [rid for rid, spec in enumerate(config.routes) if spec.support in ("full", "sampled")]
     for chunk in rows.split(config.chunk_size):
-        h = student_hidden.index_select(0, chunk).to(student.weight.dtype)
-        logp = scaled_logits(h, student.weight, student.bias, inv_tau).log_softmax(-1)
+        h = student_hidden.index_select(0, chunk).to(student.dtype)
+        logp = scaled_logits(h, student.weight, student.bias, inv_tau, student.dtype).log_softmax(-1)
         y = targets.index_select(0, chunk)[:, None]
         student_logprob.index_copy_(0, chunk, logp.gather(1, y).squeeze(1))
         loss = torch.zeros(chunk.numel(), dtype=logp.dtype, device=logp.device)
@@ -98,8 +104,8 @@ def student_full_rows(
             logp_g = _take(logp, pos)
             if spec.support == "full":
                 src_hidden, src = sources[spec.source]
-                h_src = src_hidden.index_select(0, rows_g).to(src.weight.dtype)
-                logp_src = scaled_logits(h_src, src.weight, src.bias, inv_tau).log_softmax(-1)
+                h_src = src_hidden.index_select(0, rows_g).to(src.dtype)
+                logp_src = scaled_logits(h_src, src.weight, src.bias, inv_tau, src.dtype).log_softmax(-1)
                 value, g = divergence_and_grad(logp_g, logp_src, spec.divergence, config.jsd_beta)
             else:  # sampled: (l_S - l_src).detach() * l_S, gradient c * (onehot - s)
                 y_g = _take(y, pos)
@@ -124,7 +130,7 @@ def student_full_rows(
 def _fold_full_grad(dz: Tensor, h: Tensor, chunk: Tensor, student: Projection, grads: GradBuffers) -> None:
     """d hidden[chunk] += dz @ W;  d W += dz^T @ h;  d b += sum(dz). dz: (C, V) scaled logit gradient."""
     if grads.hidden is not None:
-        grads.hidden.index_add_(0, chunk, dz @ student.weight)
+        grads.hidden.index_add_(0, chunk, logits_grad_to_hidden(dz, student.weight))
     if grads.weight is not None:
         grads.weight.addmm_(dz.T, h)
     if grads.bias is not None:
@@ -184,7 +190,7 @@ def topk_rows(
     chunk_rows = max(1, (config.chunk_size * student.weight.shape[0]) // max(1, k * hs))
     rids = [rid for rid, spec in enumerate(config.routes) if spec.support == "topk" and spec.source == source]
     for chunk in rows.split(chunk_rows):
-        h = student_hidden.index_select(0, chunk).to(student.weight.dtype)
+        h = student_hidden.index_select(0, chunk).to(student.dtype)
         idx = stats.topk_idx.index_select(0, chunk)
         logp, w_rows = gathered_logprobs(h, idx, student.weight, student.bias, inv_tau)
         logp_src = stats.topk_vals.index_select(0, chunk).log_softmax(-1)
