@@ -35,24 +35,29 @@ class LinearStats:
         return self.target_logit - self.lse
 
 
-#: Elements of one converted block of a projection stored in a narrower dtype than the compute dtype
-#: (bf16 weights, fp32 compute): 32 MiB in fp32, however large V x H is (see ``vocab_blocks``).
-CONVERT_BLOCK_ELEMENTS = 1 << 23
+#: Elements of the converted block of a projection stored in a narrower dtype than the compute dtype
+#: (bf16 weights, fp32 compute): 64 MiB in fp32, however large V x H is (see ``vocab_blocks``). Above
+#: glibc's largest mmap threshold (32 MiB), so the block goes back to the OS when freed instead of
+#: staying in the heap.
+CONVERT_BLOCK_ELEMENTS = 1 << 24
 
 
 def vocab_blocks(weight: Tensor, dtype: torch.dtype) -> Iterator[tuple[int, Tensor]]:
     """``(first row, rows)`` of ``weight`` (V, H) in ``dtype``, a block of rows at a time.
 
-    A weight already in ``dtype`` is one block (no copy). Otherwise each block is converted on its own and
-    dropped after use, so a bf16 projection never gets a full fp32 copy: the extra memory is one block of
-    at most CONVERT_BLOCK_ELEMENTS instead of V x H (the GEMMs still accumulate in ``dtype``).
+    A weight already in ``dtype`` is one block (no copy). Otherwise the rows are converted into one
+    reused buffer of at most CONVERT_BLOCK_ELEMENTS, so a bf16 projection never gets a full fp32 copy:
+    the extra memory is that buffer instead of V x H (the GEMMs still accumulate in ``dtype``). Each
+    yielded block is overwritten by the next: use it before asking for the next one.
     """
     if weight.dtype == dtype:
         yield 0, weight
         return
-    rows = max(1, CONVERT_BLOCK_ELEMENTS // max(1, weight.shape[1]))
+    rows = min(weight.shape[0], max(1, CONVERT_BLOCK_ELEMENTS // max(1, weight.shape[1])))
+    buffer = torch.empty(rows, weight.shape[1], dtype=dtype, device=weight.device)
     for start in range(0, weight.shape[0], rows):
-        yield start, weight[start: start + rows].to(dtype)
+        block = buffer[: min(rows, weight.shape[0] - start)]
+        yield start, block.copy_(weight[start: start + block.shape[0]])
 
 
 def scaled_logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], inv_tau: float,

@@ -54,10 +54,11 @@ def test_bf16_heads_equal_fp32_on_the_same_values(monkeypatch, preset, rows_per_
 def test_vocab_blocks_convert_a_block_at_a_time(monkeypatch):
     monkeypatch.setattr(chunked_stats, "CONVERT_BLOCK_ELEMENTS", 40)
     w = torch.randn(11, 8).to(torch.bfloat16)
-    blocks = list(chunked_stats.vocab_blocks(w, torch.float32))
-    assert [(s, b.shape[0]) for s, b in blocks] == [(0, 5), (5, 5), (10, 1)]
-    assert all(b.dtype == torch.float32 for _, b in blocks)
-    assert torch.equal(torch.cat([b for _, b in blocks]), w.float())
+    seen = [(start, block.shape[0], block.dtype, torch.equal(block, w[start: start + block.shape[0]].float()),
+             block.data_ptr()) for start, block in chunked_stats.vocab_blocks(w, torch.float32)]
+    assert [s[:4] for s in seen] == [(0, 5, torch.float32, True), (5, 5, torch.float32, True),
+                                     (10, 1, torch.float32, True)]
+    assert len({s[4] for s in seen}) == 1  # one buffer, reused: no allocation per block
     w32 = w.float()
     same = list(chunked_stats.vocab_blocks(w32, torch.float32))
     assert len(same) == 1 and same[0][1] is w32  # already in the compute dtype: no copy
