@@ -46,10 +46,14 @@ def route_config(config: TrainConfig) -> Any:
         key = unknown[0]
         raise ConfigError(f"--loss {key}={options[key]}: unknown loss option {key!r}; valid keys: {', '.join(valid)}")
     try:
-        return RouteConfig.preset(config.preset, **options)
+        route = RouteConfig.preset(config.preset, **options)
     except (TypeError, ValueError) as err:
         given = ", ".join(f"{k}={v!r}" for k, v in config.loss.items()) or f"temperature={config.temperature!r}"
         raise ConfigError(f"--loss {given}: {err}") from None
+    if route.ce_weight > 0:
+        raise ConfigError(f"--loss ce_weight={route.ce_weight}: the CE term needs hard labels, and the trainer has "
+                          "only on-policy samples; valid here: ce_weight=0")
+    return route
 
 
 @dataclass

@@ -71,6 +71,7 @@ TRAIN_CASES = {
     "unknown loss key": (["--loss", "topk=64"], ["--loss topk=64", "unknown loss option", "top_k"]),
     "loss value": (["--loss", "top_k=0"], ["--loss top_k=0", "top_k must be"]),
     "loss temperature": (["--loss", "temperature=0"], ["--loss temperature=0", "temperature"]),
+    "loss CE without labels": (["--loss", "ce_weight=0.5"], ["--loss ce_weight=0.5", "hard labels"]),
     "backend name": (["--loss-backend", "foo"], ["--loss-backend foo", "auto, torch, reference, triton"]),
     "device name": (["--device", "gpu"], ["--device gpu", "auto, cpu, cuda"]),
     "loss chunk size": (["--loss", "chunk_size=0"], ["--loss chunk_size=0", "chunk_size"]),
