@@ -57,13 +57,15 @@ def distill_loss(student: Any, teacher: Any, tokenizer: Any, template: PromptTem
                  transforms: Optional[dict[str, Any]] = None) -> tuple[Any, dict[str, float]]:
     """One micro-batch: sample, run the three passes, return (RoutedLossOutput, rollout stats).
 
-    ``self_model`` runs the privileged self pass (default: the live student). ``precision`` (default
-    fp32) sets autocast for the rollouts and passes and the dtype the loss receives; ``transforms`` are
-    routed_loss's ``student_transform`` / ``teacher_transform`` (the models' logit post-processing).
+    ``self_model`` runs the privileged self pass (default: the live student). ``precision`` sets autocast
+    for the rollouts and passes and the dtype the loss receives (None: no autocast, tensors as the models
+    give them); ``transforms`` are routed_loss's ``student_transform`` / ``teacher_transform`` (the
+    models' logit post-processing).
     """
     from dopd_kernels import routed_loss
 
-    precision = precision or Precision()
+    cast = (lambda t: t) if precision is None else precision.loss_input
+    precision = precision or Precision()  # float32: autocast is a no-op
     device = next(student.parameters()).device
     group = [r for r in records for _ in range(config.num_generations)]
     student_ctx = template.encode(tokenizer, group, privileged=False)
@@ -83,7 +85,6 @@ def distill_loss(student: Any, teacher: Any, tokenizer: Any, template: PromptTem
             teacher_hidden = response_hidden(teacher, p_batch)
     # The loss gets everything in the compute dtype (a differentiable cast of the student's fp32 masters)
     # and runs outside autocast: it accumulates in fp32 itself, autocast would redo its GEMMs in bf16.
-    cast = precision.loss_input
     s_weight, s_bias = output_projection(student)
     t_weight, t_bias = output_projection(teacher)
     self_proj = {}

@@ -186,7 +186,7 @@ def test_eval_dtype_loads_the_model_in_that_dtype(tmp_path, capsys, monkeypatch)
     out = tmp_path / "r.json"
     rc = main(["eval", "--model", path, "--data", _write_eval(tmp_path, True), "--dtype", "bfloat16",
                "--max-new-tokens", "3", "--output", str(out)])
-    assert rc == 0 and json.load(open(out))["n"] == 1
+    assert rc == 0 and json.loads(out.read_text())["n"] == 1
     assert {p.dtype for p in loaded[0].parameters()} == {torch.bfloat16}
 
 
