@@ -15,10 +15,10 @@ Bytes received per rank: (ranks - 1) x all-gather elements + 2 (ranks - 1) / ran
 times 4 (fp32 exchange for bf16/fp32 inputs). Nothing is O(V): the V-sized work stays on each rank's rows.
 
 Per-rank memory (``predicted_memory``, the torch path, beyond the inputs): V-sized parts fall as 1/ranks,
-    5 C V_r x 4 (chunk logits, log-probs, gradient, source chunk) + V_r Hs x (4 + e) (fp32 d W and its cast)
-    + V_r (Hs + Ht) x 4 for bf16/fp16 inputs (the fp32 copy of the shard weights, as on one process);
-N-sized parts do not: 2 n K_r x 12 (both sources' local top-K) + ranks x B x 2 Kp x 4 (one block's
-gathered candidates, B = 4 C rows) + n Hs x (4 + e) (d hidden).
+    5 C V_r x 4 (chunk logits, log-probs, gradient, source chunk) + V_r Hs x (4 + e) (fp32 d W and, for bf16,
+    the bf16 copy attach_grads holds) + for bf16 one conversion block of the shard (<= 2^24 x 4 bytes);
+N-sized parts do not: 2 n K_r x 12 (both sources' local top-K) + ranks x C x 2 Kp x 4 (one block's
+gathered candidates) + n Hs x (4 + e) (d hidden).
 """
 
 from __future__ import annotations
@@ -69,11 +69,10 @@ def predicted_memory(n: int, hs: int, ht: int, sizes: list[int], rank: int, *, t
     v_r = sizes[rank]
     k_r = min(top_k, v_r)
     kp = max(min(top_k, s) for s in sizes)
-    copies = v_r * (hs + ht) * F32 if itemsize != F32 else 0
-    v_sized = 5 * min(chunk, n) * v_r * F32 + v_r * hs * (F32 + (itemsize if itemsize != F32 else 0)) + copies
-    block = min(4 * chunk, n)
-    n_sized = sources * n * k_r * (F32 + 8) + len(sizes) * block * 2 * kp * F32 + n * hs * (
-        F32 + (itemsize if itemsize != F32 else 0))
+    half = itemsize if itemsize == 2 else 0  # bf16/fp16 inputs: narrower copies beside the fp32 accumulators
+    convert = min(v_r * max(hs, ht), 1 << 24) * F32 if half else 0  # chunked_stats.vocab_blocks
+    v_sized = 5 * min(chunk, n) * v_r * F32 + v_r * hs * (F32 + half) + convert
+    n_sized = sources * n * k_r * (F32 + 8) + len(sizes) * min(chunk, n) * 2 * kp * F32 + n * hs * (F32 + half)
     return {"v_sized": float(v_sized), "n_sized": float(n_sized), "total": float(v_sized + n_sized)}
 
 

@@ -10,6 +10,7 @@ from .chunked import chunked_routed_loss
 from .config import RouteConfig
 from .output import RoutedLossOutput
 from .reference import reference_from_logits, reference_routed_loss
+from .selfcheck import CallShape, triton_agrees
 from .transform import LogitTransform, as_transform
 from .validation import as_config, validate_hidden_inputs, validate_logit_inputs
 
@@ -25,11 +26,14 @@ def _triton_available() -> bool:
     return True
 
 
-def _resolve_backend(backend: str, device: torch.device) -> str:
+def _resolve_backend(backend: str, device: torch.device, config: Optional[RouteConfig] = None,
+                     dtype: torch.dtype = torch.float32, call: CallShape = CallShape()) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if device.type == "cuda" and _triton_available() else "torch"
+        use = device.type == "cuda" and _triton_available()
+        # Until the kernels have run on a GPU: a one-time comparison with the PyTorch path (selfcheck.py).
+        return "triton" if use and triton_agrees(device, config or RouteConfig(), dtype, call) else "torch"
     if backend == "triton" and not _triton_available():
         raise ValueError("backend='triton' needs the 'kernels' extra: pip install 'dopd[kernels]'")
     return backend
@@ -72,7 +76,8 @@ def routed_loss(
             (a frozen base or an EMA copy); default: the student's, detached. The self pass is stop-gradient.
         hard_labels: like target_ids, for the optional CE term (``config.ce_weight > 0``).
         config: a RouteConfig, a preset name ("dopd", "gkd", ...) or None (DOPD defaults).
-        backend: "auto" (Triton on CUDA when installed, else torch), "torch", "reference", "triton".
+        backend: "auto" (Triton on CUDA when installed and its one-time self-check passes, see
+            ``selfcheck.py``; else torch), "torch", "reference", "triton".
         student_transform, teacher_transform, self_transform: the models' logit post-processing
             (``LogitTransform(scale, softcap)``: multiplier, then final soft-cap), applied right after the
             projection and before ``config.temperature``. None is the identity; ``self_transform``
@@ -116,8 +121,11 @@ def routed_loss(
         self_transform=s_tf if self_transform is None else as_transform("self_transform", self_transform),
     )
     args = (student_hidden, student_weight, teacher_hidden, teacher_weight, self_hidden, target_ids, valid)
-    chosen = _resolve_backend(backend, student_hidden.device)
+    chosen = _resolve_backend(backend, student_hidden.device, config, student_hidden.dtype,
+                              CallShape.of(student_hidden, student_weight, student_bias, teacher_bias))
     if vocab_group is not None:
+        # (Both compute backends run the same collectives, so ranks whose "auto" self-checks disagreed
+        # would still stay in step.)
         from .vocab_parallel import sharded_reference, vocab_parallel_routed_loss
 
         if chosen == "reference":

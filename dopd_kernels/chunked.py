@@ -81,11 +81,10 @@ def chunked_routed_loss(
     red_w = compress(reduction_weights(valid.reshape(shape), config.reduction, cdtype).reshape(-1))
 
     def projection(weight: Tensor, bias: Optional[Tensor], transform: LogitTransform) -> Projection:
-        return Projection(
-            weight.detach()[:vocab].to(cdtype),
-            None if bias is None else bias.detach()[:vocab].to(cdtype),
-            transform,
-        )
+        # The weight stays as stored: a bf16 head is converted per vocabulary block inside the GEMMs
+        # (chunked_stats.vocab_blocks), never copied whole to fp32 (that would be V x H extra per model).
+        return Projection(weight.detach()[:vocab], None if bias is None else bias.detach()[:vocab].to(cdtype),
+                          transform, cdtype)
 
     student = projection(student_weight, student_bias, student_transform)
     # The self pass shares the student's weights but may have its own transform (no copy either way).
@@ -102,10 +101,10 @@ def chunked_routed_loss(
         stats = {
             "self": linear_stats(h_p, self_proj.weight, self_proj.bias, y, inv_tau=inv_tau,
                                  top_k=k if "self" in topk_sources else 0, chunk_size=stats_chunk,
-                                 transform=self_proj.transform),
+                                 transform=self_proj.transform, dtype=cdtype),
             "teacher": linear_stats(h_t, teacher.weight, teacher.bias, y, inv_tau=inv_tau,
                                     top_k=k if "teacher" in topk_sources else 0, chunk_size=stats_chunk,
-                                    transform=teacher.transform),
+                                    transform=teacher.transform, dtype=cdtype),
         }
         source_logprob = {name: s.target_logprob for name, s in stats.items()}
         routing = route_tokens(source_logprob["self"], source_logprob["teacher"],
@@ -154,9 +153,7 @@ def chunked_routed_loss(
         d_hidden = d_hidden.reshape(student_hidden.shape)
     loss = attach_grads(
         loss_value.to(student_hidden.dtype if student_hidden.dtype == torch.float64 else torch.float32),
-        None if d_hidden is None else d_hidden.to(student_hidden.dtype),
-        None if grads.weight is None else grads.weight.to(student_weight.dtype),
-        None if grads.bias is None else grads.bias.to(student_bias.dtype),
+        d_hidden, grads.weight, grads.bias,  # converted by attach_grads (fp16: after the scaling by grad_output)
         student_hidden, student_weight, student_bias,
     )
 
@@ -167,7 +164,8 @@ def chunked_routed_loss(
         with torch.no_grad():
             todo = missing.nonzero().squeeze(1)
             fresh = linear_stats(h_s.index_select(0, todo), student.weight, student.bias, y.index_select(0, todo),
-                                 inv_tau=inv_tau, top_k=0, chunk_size=stats_chunk, transform=student.transform)
+                                 inv_tau=inv_tau, top_k=0, chunk_size=stats_chunk, transform=student.transform,
+                                 dtype=cdtype)
             student_logprob.index_copy_(0, todo, fresh.target_logprob)
             return scatter(student_logprob, cdtype)
 

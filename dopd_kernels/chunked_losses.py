@@ -21,7 +21,7 @@ import torch
 
 from .config import RouteConfig
 from .divergences import divergence_and_grad
-from .chunked_stats import LinearStats, scaled_logits
+from .chunked_stats import LinearStats, logits_grad_to_hidden, scaled_logits
 from .transform import IDENTITY, LogitTransform
 
 Tensor = torch.Tensor
@@ -29,12 +29,18 @@ Tensor = torch.Tensor
 
 @dataclass
 class Projection:
-    """One model's output projection in the compute dtype: weight (V, H), bias (V,) or None, and the
+    """One model's output projection: weight (V, H) as stored (bf16 stays bf16: the GEMMs convert it per
+    vocabulary block), bias (V,) or None in the compute ``dtype`` (default: the weight's), and the
     post-processing of its logits (applied wherever this projection's logits are formed)."""
 
     weight: Tensor
     bias: Optional[Tensor]
     transform: LogitTransform = IDENTITY
+    dtype: Optional[torch.dtype] = None
+
+    def __post_init__(self) -> None:
+        if self.dtype is None:
+            self.dtype = self.weight.dtype
 
 
 @dataclass
@@ -90,8 +96,8 @@ def student_full_rows(
     inv_tau = 1.0 / config.temperature
     rids = [rid for rid, spec in enumerate(config.routes) if spec.support in ("full", "sampled")]
     for chunk in rows.split(config.chunk_size):
-        h = student_hidden.index_select(0, chunk).to(student.weight.dtype)
-        z = scaled_logits(h, student.weight, student.bias, inv_tau, student.transform)
+        h = student_hidden.index_select(0, chunk).to(student.dtype)
+        z = scaled_logits(h, student.weight, student.bias, inv_tau, student.transform, student.dtype)
         logp = z.log_softmax(-1)
         # Kept (one more C x V buffer) only when the transform's derivative reads it: a soft-cap.
         z = z if student.transform.grad_needs_logits else None
@@ -105,8 +111,8 @@ def student_full_rows(
             logp_g = _take(logp, pos)
             if spec.support == "full":
                 src_hidden, src = sources[spec.source]
-                h_src = src_hidden.index_select(0, rows_g).to(src.weight.dtype)
-                logp_src = scaled_logits(h_src, src.weight, src.bias, inv_tau, src.transform).log_softmax(-1)
+                h_src = src_hidden.index_select(0, rows_g).to(src.dtype)
+                logp_src = scaled_logits(h_src, src.weight, src.bias, inv_tau, src.transform, src.dtype).log_softmax(-1)
                 value, g = divergence_and_grad(logp_g, logp_src, spec.divergence, config.jsd_beta)
             else:  # sampled: (l_S - l_src).detach() * l_S, gradient c * (onehot - s)
                 y_g = _take(y, pos)
@@ -131,7 +137,7 @@ def student_full_rows(
 def _fold_full_grad(dz: Tensor, h: Tensor, chunk: Tensor, student: Projection, grads: GradBuffers) -> None:
     """d hidden[chunk] += dz @ W;  d W += dz^T @ h;  d b += sum(dz). dz: (C, V) raw logit gradient."""
     if grads.hidden is not None:
-        grads.hidden.index_add_(0, chunk, dz @ student.weight)
+        grads.hidden.index_add_(0, chunk, logits_grad_to_hidden(dz, student.weight))
     if grads.weight is not None:
         grads.weight.addmm_(dz.T, h)
     if grads.bias is not None:
@@ -196,7 +202,7 @@ def topk_rows(
     chunk_rows = max(1, (config.chunk_size * student.weight.shape[0]) // max(1, k * hs))
     rids = [rid for rid, spec in enumerate(config.routes) if spec.support == "topk" and spec.source == source]
     for chunk in rows.split(chunk_rows):
-        h = student_hidden.index_select(0, chunk).to(student.weight.dtype)
+        h = student_hidden.index_select(0, chunk).to(student.dtype)
         idx = stats.topk_idx.index_select(0, chunk)
         logp, w_rows, z = gathered_logprobs(h, idx, student, inv_tau)
         logp_src = stats.topk_vals.index_select(0, chunk).log_softmax(-1)

@@ -10,10 +10,23 @@ Stages (all on the device, no host sync, so the loss can be captured in a CUDA g
 3. ``full_support.py``  rows needing the student's full softmax (HT for DOPD; all rows for vanilla OPD,
    GKD, SDPO; plus every row when ce_weight > 0), sorted to the front; per chunk of C rows: z_s, z_src
    GEMMs into a C x V fp32 scratch, a row kernel (student lse, value, dz in place), dh and dW GEMMs with
-   fp32 accumulation: the floor's 4 GEMMs over HT + ~40 bytes x V per row of scratch traffic.
+   fp32 accumulation: the floor's 4 GEMMs over HT + ~40 bytes x V per row of scratch traffic. All N / C
+   chunks launch (the live count is on the device), but a chunk past the count returns at once: the fp32
+   d W is read and written by the HT / C live chunks only. dz enters the dh / dW GEMMs as bf16 for bf16
+   models and, for fp16 models, as fp16 after a per-chunk power-of-two scale (its max |dz| recorded by the
+   row kernel): dz carries the ~1/N reduction weight and would flush to zero in plain fp16.
 4. ``topk.py``  top-K routes: a gather kernel for the student's K logits, the renormalized divergence
    and its gradient in torch on (N, K), a scatter kernel into d h / d W / d b.
-Gradients are finished in the forward and attached by ``_AttachGrads`` (backward = scale by grad_output).
+Gradients are finished in the forward and attached by ``attach.attach_grads`` (backward = scale by
+grad_output; fp16 gradients are held in fp32 until then, so AMP's loss scale reaches them before the
+conversion). Launches run under the tensors' CUDA device (``device_guard``). Offsets that a stride
+multiplies are int64 in every kernel (V x H and C x V pass 2^31 at real sizes).
+CUDA graphs: run one call (forward and backward) before capturing: it compiles the kernels, copies the
+route tables to the device (``tables.py``; tables read during a capture are never evicted) and runs
+backend="auto"'s one-time self-check (``selfcheck.py``); use ``check_values=False`` inside the graph.
+Compile coverage: tests/test_triton_compile.py compiles every variant the launcher emits (126: presets, CE,
+custom tables, bf16 / fp16 / fp32, biases, two-pass, gradients or not) for sm_90 and checks wgmma, shared
+memory (max 128 KB of 227 KB), 64-bit offsets and the rows kernel's barrier.
 
 Predicted H200 time, N=16384, Hs=2048, Ht=4096, V=151936, bf16, HT fraction 0.25, K=128 (not measured:
 no GPU has been lent to a build session yet):
@@ -47,6 +60,7 @@ Extra memory: 2 C x V fp32 scratch (311 MB at C = 256) + the candidate lists of 
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -65,6 +79,12 @@ from .tables import route_tables
 from .topk import topk_rows
 
 Tensor = torch.Tensor
+
+
+def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
+    """Launch on ``device``: Triton launches on the current CUDA device and stream, which need not be the
+    tensors' (tensors on cuda:1 while cuda:0 is current). A no-op off CUDA."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def triton_routed_loss(
@@ -119,7 +139,7 @@ def triton_routed_loss(
     topk_sources = config.topk_sources()
     want = torch.is_grad_enabled()
 
-    with torch.no_grad():
+    with device_guard(device), torch.no_grad():
         stats = {
             "self": fused_linear_stats(h_p, w_p, b_p, y, vocab=vocab, inv_tau=inv_tau,
                                        top_k=k if "self" in topk_sources else 0),
@@ -174,17 +194,15 @@ def triton_routed_loss(
         per_token = torch.where(flat_valid, per_token, 0.0)
         loss_value = (per_token * red_w).sum()
 
+    # fp32 accumulators; attach_grads converts them (fp16: only after the scaling by grad_output)
     loss = attach_grads(
-        loss_value,
-        None if grads["hidden"] is None else grads["hidden"].reshape(student_hidden.shape).to(student_hidden.dtype),
-        None if grads["weight"] is None else grads["weight"].to(student_weight.dtype),
-        None if grads["bias"] is None else grads["bias"].to(student_bias.dtype),
-        student_hidden, student_weight, student_bias,
+        loss_value, None if grads["hidden"] is None else grads["hidden"].reshape(student_hidden.shape),
+        grads["weight"], grads["bias"], student_hidden, student_weight, student_bias,
     )
 
     def lazy_logprob() -> Tensor:
         """Student log-probs: from the full-softmax rows where computed, else one student stats pass."""
-        with torch.no_grad():
+        with device_guard(device), torch.no_grad():
             missing = torch.isnan(student_logprob)
             fresh = fused_linear_stats(h_s, w_s, b_s, y, vocab=vocab, inv_tau=inv_tau).target_logprob
             out = torch.where(missing, fresh, student_logprob)

@@ -93,9 +93,11 @@ def _stats_kernel(h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, s_ptr, tgt_ptr, val_ptr, id
         if HAS_BIAS:
             z += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         z = tl.where(col_ok[None, :], z * inv_tau, float("-inf"))
-        # Online log-sum-exp: every tile has >= 1 real column, so the new max is finite.
+        # Online log-sum-exp. A tile (even a whole split) may hold only -inf logits (a -inf bias masking part
+        # of the vocabulary): the max stays -inf, and shifting by 0 instead keeps exp(-inf - -inf) out.
         new_max = tl.maximum(run_max, tl.max(z, axis=1))
-        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        run_sum = run_sum * tl.exp(run_max - shift) + tl.sum(tl.exp(z - shift[:, None]), axis=1)
         run_max = new_max
         tgt += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
         if TOPK:
@@ -168,7 +170,7 @@ def fused_linear_stats(
     n_blocks = triton.cdiv(max(rows_per_launch, 1), block_n)
     v_blocks = triton.cdiv(vocab, block_v)
     if n_splits is None:  # enough programs for ~2 waves on the GPU; 2 splits under the interpreter (tests the merge)
-        n_splits = 2 if hidden.device.type != "cuda" else triton.cdiv(264, n_blocks)
+        n_splits = triton.cdiv(264, n_blocks) if blocks.gpu else 2
     n_splits = max(1, min(n_splits, v_blocks))
     v_per_split = triton.cdiv(v_blocks, n_splits) * block_v
     n_splits = triton.cdiv(vocab, v_per_split)  # no empty split
@@ -188,7 +190,7 @@ def fused_linear_stats(
     topk_vals = torch.empty(n, top_k, **f32)
     topk_idx = torch.empty(n, top_k, dtype=torch.int64, device=hidden.device)
     meta = dict(TOPK=bool(top_k), BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=blocks.stats_h, KB=max(top_k, 1),
-                CAP=cap, CH=chunk, num_warps=blocks.num_warps, **dot_args(dot_dtype(hidden, weight)))
+                CAP=cap, CH=chunk, num_warps=blocks.num_warps, **dot_args(dot_dtype(hidden, weight, gpu=blocks.gpu)))
 
     def launch(src: torch.Tensor, stride: int, start: int, rows: int, scale: float, with_bias: bool,
                from_logits: bool) -> None:

@@ -134,7 +134,7 @@ def vocab_parallel_routed_loss(
             topk_ids = [rid for rid, spec in enumerate(config.routes) if spec.support == "topk"]
             on_topk = torch.isin(route, torch.tensor(topk_ids, dtype=route.dtype, device=route.device))
             topk_rows(order[on_topk.index_select(0, order)], ops=ops, layout=layout, route=route, student_hidden=h_s,
-                      student=student, stats=stats, top_k=k, block=STATS_CHUNK_FACTOR * config.chunk_size,
+                      student=student, stats=stats, top_k=k, block=config.chunk_size,
                       red_w=red_w, config=config, per_token=per_token, grads=grads)
         loss_value = (per_token * red_w).sum()
         if grads.hidden is not None and reduce_hidden_grad:
@@ -148,12 +148,10 @@ def vocab_parallel_routed_loss(
     if grads.hidden is not None:
         d_hidden = grads.hidden if every_row else torch.zeros(
             flat_valid.numel(), hs, dtype=cdtype, device=h_s.device).index_copy_(0, rows, grads.hidden)
-        d_hidden = d_hidden.reshape(student_hidden.shape).to(student_hidden.dtype)
+        d_hidden = d_hidden.reshape(student_hidden.shape)
     loss = attach_grads(
         loss_value.to(student_hidden.dtype if student_hidden.dtype == torch.float64 else torch.float32),
-        d_hidden,
-        None if grads.weight is None else grads.weight.to(student_weight.dtype),
-        None if grads.bias is None else grads.bias.to(student_bias.dtype),
+        d_hidden, grads.weight, grads.bias,  # converted by attach_grads (fp16: after the scaling by grad_output)
         student_hidden, student_weight, student_bias,
     )
 

@@ -2,8 +2,9 @@
 rows of the vocabulary, with no communication (the stages in ``losses.py`` call these between collectives).
 
 The building blocks are the single-process path's: ``chunked_stats.linear_stats`` for the statistics,
-``chunked_stats.scaled_logits`` for a chunk's logits (the model's ``LogitTransform`` applied),
-``chunked_losses.fold_topk_grad`` for the top-K gradients. ``triton_ops.TritonShardOps`` has the same
+``chunked_stats.scaled_logits`` for a chunk's logits (the model's ``LogitTransform`` applied; a bf16 shard
+converted per block of rows, never copied whole), ``chunked_stats.logits_grad_to_hidden`` and
+``chunked_losses.fold_topk_grad`` for the gradients. ``triton_ops.TritonShardOps`` has the same
 methods on the Triton kernels.
 """
 
@@ -14,7 +15,7 @@ from typing import Optional
 import torch
 
 from ..chunked_losses import GradBuffers, Projection, fold_topk_grad
-from ..chunked_stats import LinearStats, linear_stats, scaled_logits
+from ..chunked_stats import LinearStats, linear_stats, logits_grad_to_hidden, scaled_logits
 from ..transform import LogitTransform
 
 Tensor = torch.Tensor
@@ -37,9 +38,10 @@ class TorchShardOps:
         self.chunk_elems = chunk_elems
 
     def projection(self, weight: Tensor, bias: Optional[Tensor], transform: LogitTransform) -> Projection:
-        """A shard's projection in the compute dtype (a copy for lower-precision weights, as on one process)."""
-        return Projection(weight.detach().to(self.dtype), None if bias is None else bias.detach().to(self.dtype),
-                          transform)
+        """A shard's projection: the weight as stored (the GEMMs convert bf16 per block), the bias in the
+        compute dtype."""
+        return Projection(weight.detach(), None if bias is None else bias.detach().to(self.dtype), transform,
+                          self.dtype)
 
     def hidden(self, h: Tensor) -> Tensor:
         """Rows of hidden states as the GEMMs want them (the compute dtype)."""
@@ -49,11 +51,11 @@ class TorchShardOps:
         """Log-sum-exp over the shard's rows, the logit at ``local_targets`` (in range; masked by the caller
         where another rank owns the id) and the shard's top-``top_k`` (local ids)."""
         return linear_stats(hidden, proj.weight, proj.bias, local_targets, inv_tau=self.inv_tau, top_k=top_k,
-                            chunk_size=self.stats_chunk, transform=proj.transform)
+                            chunk_size=self.stats_chunk, transform=proj.transform, dtype=self.dtype)
 
     def logits(self, h: Tensor, proj: Projection) -> Tensor:
         """(C, V_r) ``transform(h W^T + b) / tau`` over the shard's rows; h (C, H) from ``hidden``."""
-        return scaled_logits(h, proj.weight, proj.bias, self.inv_tau, proj.transform)
+        return scaled_logits(h, proj.weight, proj.bias, self.inv_tau, proj.transform, self.dtype)
 
     def fold_full(self, dz: Tensor, h: Tensor, proj: Projection, grads: GradBuffers) -> Optional[Tensor]:
         """d W += dz^T h, d b += sum(dz) in place; returns this shard's part of d hidden (dz W) or None."""
@@ -61,7 +63,7 @@ class TorchShardOps:
             grads.weight.addmm_(dz.T, h)
         if grads.bias is not None:
             grads.bias.add_(dz.sum(0))
-        return dz @ proj.weight if grads.hidden is not None else None
+        return logits_grad_to_hidden(dz, proj.weight) if grads.hidden is not None else None
 
     def _blocks(self, rows: int, k: int, hs: int) -> int:
         return max(1, self.chunk_elems // max(1, k * hs)) if rows else 1
@@ -75,7 +77,7 @@ class TorchShardOps:
         for start in range(0, local_ids.shape[0], step):
             sl = slice(start, start + step)
             # embedding's gather is faster than advanced indexing on CPU
-            rows = torch.nn.functional.embedding(local_ids[sl], proj.weight)
+            rows = torch.nn.functional.embedding(local_ids[sl], proj.weight).to(self.dtype)
             z[sl] = torch.bmm(rows, h[sl, :, None]).squeeze(2)
             if proj.bias is not None:
                 z[sl] += proj.bias[local_ids[sl]]
@@ -89,7 +91,8 @@ class TorchShardOps:
         d_hidden = torch.empty_like(h) if grads.hidden is not None else None
         for start in range(0, local_ids.shape[0], step):
             sl = slice(start, start + step)
-            rows = saved if saved is not None else torch.nn.functional.embedding(local_ids[sl], proj.weight)
+            rows = saved if saved is not None else torch.nn.functional.embedding(
+                local_ids[sl], proj.weight).to(self.dtype)
             part = fold_topk_grad(dz[sl], h[sl], rows, local_ids[sl], grads.weight, grads.bias)
             if d_hidden is not None:
                 d_hidden[sl] = part

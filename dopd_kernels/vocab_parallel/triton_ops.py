@@ -67,18 +67,21 @@ class TritonShardOps:
         return dtype if dtype in (torch.bfloat16, torch.float16) else None
 
     def fold_full(self, dz: Tensor, h: Tensor, proj: Projection, grads: GradBuffers) -> Optional[Tensor]:
-        """As ``TorchShardOps.fold_full``, with the Triton GEMM (fp32 accumulators)."""
+        """As ``TorchShardOps.fold_full``, with the Triton GEMM (fp32 accumulators; fp16 operands scaled by a
+        power of two from the chunk's max |dz|, as on one process, so that small gradients survive)."""
         count = self._count(h.shape[0], h.device)
+        op = self._operand(proj)
+        amax = dz.abs().amax().reshape(1) if op == torch.float16 else None
         if grads.weight is not None:
             matmul_into(grads.weight, dz.T, h, blocks=self.blocks, count=count, row0=0, limit="k", accumulate=True,
-                        operand_dtype=self._operand(proj))
+                        operand_dtype=op, a_amax=amax)
         if grads.bias is not None:
             grads.bias.add_(dz.sum(0))
         if grads.hidden is None:
             return None
         d_hidden = torch.zeros(h.shape[0], proj.weight.shape[1], dtype=torch.float32, device=h.device)
         matmul_into(d_hidden, dz, proj.weight, blocks=self.blocks, count=count, row0=0, limit="m",
-                    operand_dtype=self._operand(proj))
+                    operand_dtype=op, a_amax=amax)
         return d_hidden
 
     def raw_logits_at(self, h: Tensor, local_ids: Tensor, proj: Projection) -> tuple[Tensor, None]:

@@ -1,0 +1,202 @@
+"""The Triton path's real launch set, compiled for Hopper (sm_90) without a GPU.
+
+Run as a script (``python tests/_triton_launches.py OUT.json``) with ``TRITON_INTERPRET`` unset: it runs
+``routed_loss(backend="triton")`` on CPU tensors over the scenarios below (every preset, CE on and off,
+custom route tables, bf16 / fp16 / fp32, biases, the two-pass statistics mode, with and without
+gradients, a ragged shape, a long batch, an odd chunk size) with the GPU tile sizes (``blocks.GPU_BLOCKS``
+stands in for the interpreter tiles). Each kernel launch is not executed but handed to Triton's own
+launcher in warm-up mode against a stand-in driver whose target is sm_90: Triton binds the arguments
+exactly as for a real launch (16-divisibility of pointers and ints, strides equal to 1 as constants),
+compiles each specialization once (its in-memory and on-disk caches dedupe the rest) and returns it.
+The launches' outputs stay uninitialized, which changes nothing: which kernels launch never depends on
+data (the path has no host sync). Writes one JSON record per unique compiled variant: kernel, constexprs,
+signature, shared memory, whether the PTX uses wgmma, the 64-bit offset check, the compile time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import sys
+import time
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime.driver import driver
+from triton.runtime.jit import JITFunction
+
+#: Hopper's largest dynamic shared memory per block (227 KB).
+SM90_SHARED_LIMIT = 227 * 1024
+STRIDE_ARG = re.compile(r"^(s_[a-z]{2}|stride_\w+)$")
+
+
+class Sm90Driver:
+    """The three questions Triton's launcher asks a driver before compiling (target, device, stream)."""
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+
+def offsets_are_64_bit(ttir: str, arg_names: list[str]) -> list[str]:
+    """TTIR lines where a pointer offset computed from a stride argument is not 64-bit (empty: all are).
+
+    A value is stride-derived if a stride argument (``s_am``, ``stride_z``, ...) flows into it; every
+    ``tt.addptr`` whose offset operand is stride-derived must take i64 offsets, else ``row * stride``
+    wraps past 2^31.
+    """
+    derived = {f"%{n}" for n in arg_names if STRIDE_ARG.match(n)}
+    bad = []
+    for line in ttir.splitlines():
+        m = re.match(r"\s*(%[\w.#]+)(?::\d+)? = ([\w.]+) (.*)", line)
+        if not m:
+            continue
+        result, op, rest = m.groups()
+        operands = re.findall(r"%[\w.#]+", rest.split(" loc(")[0])
+        if op == "tt.addptr" and len(operands) >= 2 and operands[1] in derived:
+            offset_type = rest.split(":")[-1].split(" loc(")[0]
+            if not re.search(r"\bi64\b|xi64>", offset_type):
+                bad.append(line.strip())
+        if any(o in derived for o in operands):
+            derived.add(result)
+    return bad
+
+
+def barrier_before_last_loop(ttir: str) -> bool:
+    """Whether the TTIR has a barrier (tl.debug_barrier: ``gpu.barrier``, ``ttg.barrier`` in Triton 3.9) before
+    its last ``scf.for``: in the rows kernel, between the scalar reads of z_s[y] / z_s[yh] and the sweep that
+    overwrites z_s in place."""
+    lines = ttir.splitlines()
+    barriers = [i for i, line in enumerate(lines) if re.search(r"\b(gpu|ttg)\.barrier\b", line)]
+    loops = [i for i, line in enumerate(lines) if "scf.for" in line]
+    return bool(barriers and loops and barriers[-1] < loops[-1])
+
+
+def _inputs(dtype, n_tokens, hs, ht, vocab, pad, bias, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lead = (2, n_tokens // 2)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    t = dict(student_hidden=r(*lead, hs), student_weight=r(vocab, hs), teacher_hidden=r(*lead, ht),
+             teacher_weight=r(vocab + pad, ht), self_hidden=r(*lead, hs))
+    if bias:
+        t["student_bias"], t["teacher_bias"] = r(vocab), r(vocab + pad)
+    target = torch.randint(0, vocab, lead, generator=g)
+    mask = torch.rand(*lead, generator=g) > 0.1
+    return t, target, mask
+
+
+CUSTOM_TABLES = {
+    "mix": (("teacher", "fkl", "topk", 0.7), ("self", "jsd", "full", 0.4), ("teacher", "rkl", "full", 1.0),
+            ("teacher", "rkl", "sampled", 0.5)),
+    "self_sampled": (("self", "rkl", "sampled", 1.0),) * 4,
+    "full_both": (("self", "rkl", "full", 1.0), ("teacher", "fkl", "full", 1.0), ("teacher", "jsd", "full", 1.0),
+                  ("self", "fkl", "full", 0.5)),
+}
+
+
+def scenarios():
+    """(name, config, dtype, grad, bias, impl, shape) for the sweep."""
+    from dopd_kernels import PRESETS, RouteConfig
+
+    tables = {p: (lambda p=p, **kw: RouteConfig.preset(p, **kw)) for p in PRESETS}
+    tables |= {k: (lambda v=v, **kw: RouteConfig(routes=v, **kw)) for k, v in CUSTOM_TABLES.items()}
+    aligned = dict(n_tokens=96, hs=64, ht=96, vocab=1024, pad=64, chunk=256)
+    for name, make in tables.items():
+        for ce in (0.0, 0.1):
+            for dtype in (torch.bfloat16, torch.float16, torch.float32):
+                for bias in (False, True):
+                    for grad in ("all", "none"):
+                        yield f"{name} ce={ce}", make(ce_weight=ce), dtype, grad, bias, "fused", aligned
+    for name in ("dopd", "vanilla_opd"):
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            for bias in (False, True):
+                yield f"{name} two-pass", tables[name](), dtype, "all", bias, "two_pass", aligned
+    for name in ("dopd", "gkd"):  # a frozen head (LoRA): d hidden only
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            yield f"{name} hidden-only", tables[name](), dtype, "hidden", True, "fused", aligned
+    ragged = dict(n_tokens=90, hs=72, ht=88, vocab=1001, pad=61, chunk=256)  # V, H not multiples of 16
+    for name in ("dopd", "vanilla_opd", "vanilla_opd_sampled", "gkd"):
+        for dtype in (torch.bfloat16, torch.float16):
+            yield f"{name} ragged", tables[name](), dtype, "all", True, "fused", ragged
+    long = dict(aligned, n_tokens=34000)  # enough token blocks for a single vocabulary split
+    for name in ("dopd", "vanilla_opd"):
+        yield f"{name} long", tables[name](), torch.bfloat16, "all", False, "fused", long
+    several = dict(aligned, n_tokens=300, chunk=100)  # several chunks (fp16: one scale slot each)
+    for dtype in (torch.bfloat16, torch.float16):
+        yield "vanilla_opd chunks=3", tables["vanilla_opd"](), dtype, "all", True, "fused", several
+
+
+def main(out_path: str) -> None:
+    import dopd_kernels.triton  # noqa: F401  (registers the kernels)
+    from dopd_kernels import routed_loss
+    from dopd_kernels.triton import blocks
+
+    driver.set_active(Sm90Driver())
+    compiled: dict[int, dict] = {}
+    scenario = [""]
+
+    def getitem(self, grid):
+        def launch(*args, **kwargs):
+            before = len(self.device_caches[0][0]) if 0 in self.device_caches else 0
+            t0 = time.perf_counter()
+            try:
+                kernel = self.run(*args, grid=grid, warmup=True, **kwargs)
+            except Exception as exc:
+                raise RuntimeError(f"{self.fn.__name__} failed to compile for sm_90 in scenario "
+                                   f"{scenario[0]!r}: {exc}") from exc
+            if id(kernel) not in compiled:
+                new = len(self.device_caches[0][0]) > before
+                compiled[id(kernel)] = dict(
+                    kernel=self.fn.__name__, scenario=scenario[0],
+                    constexprs={k: str(v) for k, v in kwargs.items() if k in self.arg_names},
+                    signature={k: v for k, v in kernel.src.signature.items() if v != "constexpr"}
+                    if hasattr(kernel, "src") else {},
+                    shared=int(kernel.metadata.shared), wgmma="wgmma.mma_async" in kernel.asm["ptx"],
+                    cubin="cubin" in kernel.asm,
+                    offsets_not_64_bit=offsets_are_64_bit(kernel.asm["ttir"], self.arg_names),
+                    barrier_before_last_loop=barrier_before_last_loop(kernel.asm["ttir"]),
+                    seconds=round(time.perf_counter() - t0, 2) if new else 0.0,
+                )
+            return kernel
+        return launch
+
+    JITFunction.__getitem__ = getitem
+    start = time.perf_counter()
+    runs = 0
+    for name, config, dtype, grad, bias, impl, shape in scenarios():
+        scenario[0] = f"{name} {str(dtype).split('.')[-1]} grad={grad} bias={bias} {impl} V={shape['vocab']}"
+        gpu = dataclasses.replace(blocks.GPU_BLOCKS, stats_impl=impl)
+        blocks.INTERPRETER_BLOCKS = gpu  # CPU tensors, GPU tiles and GPU decisions (blocks.gpu)
+        t, target, mask = _inputs(dtype, shape["n_tokens"], shape["hs"], shape["ht"], shape["vocab"], shape["pad"],
+                                  bias)
+        if grad != "none":
+            t["student_hidden"].requires_grad_()
+            t["student_weight"].requires_grad_(grad == "all")
+            if bias:
+                t["student_bias"].requires_grad_(grad == "all")
+        labels = torch.where(mask, target, 0) if config.ce_weight > 0 else None
+        config = config.replace(chunk_size=shape["chunk"])
+        with torch.set_grad_enabled(grad != "none"):
+            out = routed_loss(t.pop("student_hidden"), t.pop("student_weight"), t.pop("teacher_hidden"),
+                              t.pop("teacher_weight"), t.pop("self_hidden"), target, mask, hard_labels=labels,
+                              config=config, backend="triton", **t)
+            out.student_logprob  # the lazy student statistics pass (metrics)
+        runs += 1
+    summary = dict(runs=runs, seconds=round(time.perf_counter() - start, 1), variants=list(compiled.values()),
+                   triton=triton.__version__, shared_limit=SM90_SHARED_LIMIT)
+    with open(out_path, "w") as f:
+        json.dump(summary, f, indent=1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
