@@ -6,7 +6,7 @@ predicted and measured.
 
 Prediction (``predicted_elements``: exact element counts, compared with ``vocab_parallel.comm.TRAFFIC`` by
 the run below and by tests/test_vocab_parallel.py). Per call, elements each rank contributes:
-    all-gather  31 (validation row, with check_values) + 4 n (each source's shard log-sum-exp and target logit)
+    all-gather  35 (validation row, with check_values) + 4 n (each source's shard log-sum-exp and target logit)
                 + (2 + ce) n_full (student shard lse, sampled-token / hard-label logit of each full-softmax row)
                 + 2 Kp n_topk (each top-K row's local candidates, values and ids; Kp = max_r min(K, V_r))
     all-reduce  s n_fs (divergence row sums: 1 per full-support row, 2 for JSD) + K n_topk (student logits at
@@ -31,7 +31,7 @@ import time
 from typing import Optional
 
 F32 = 4
-HEAD_ROW = 7  # validate.py: error flags, shard size, shapes, grad flag
+HEAD_ROW = 11  # validate.py: error flags, shard size, shapes, grad flag, which optional shard tensors
 CHECK_ROW = HEAD_ROW + 4 * 6  # + 4 checksums x 6 replicated inputs
 
 

@@ -270,6 +270,8 @@ def bad_input_worker(rank: int, world: int, sizes: list[int], cases: list[str]) 
         elif case == "bias_nan" and rank == 1:
             weights["student_bias"] = weights["student_bias"].clone()
             weights["student_bias"][2] = float("nan")
+        elif case == "bias_missing" and rank == 0:
+            weights["teacher_bias"] = None
         elif case == "triton_transform":
             options = dict(backend="triton", student_transform=LogitTransform(softcap=5.0))
         try:

@@ -124,7 +124,8 @@ def test_grid_of_two_data_parallel_by_two_vocabulary_parallel_ranks():
 
 def test_bad_inputs_raise_on_every_rank():
     cases = ["teacher_shard_short", "id_beyond_vocab", "hard_label_beyond_vocab", "student_hidden_differs",
-             "self_hidden_differs", "teacher_hidden_differs", "target_ids_differ", "bias_nan", "triton_transform"]
+             "self_hidden_differs", "teacher_hidden_differs", "target_ids_differ", "bias_nan", "bias_missing",
+             "triton_transform"]
     results = run_ranks(bad_input_worker, 2, [15, 22], cases, timeout=240)
     expected = {  # case -> (rank 0's message, rank 1's message), substrings
         "teacher_shard_short": ("rank(s) [1]", "teacher_weight"),
@@ -135,6 +136,7 @@ def test_bad_inputs_raise_on_every_rank():
         "teacher_hidden_differs": ("teacher_hidden differs",) * 2,
         "target_ids_differ": ("target_ids differs",) * 2,
         "bias_nan": ("rank(s) [1]", "student_bias has NaN"),
+        "bias_missing": ("teacher_bias must be given on every rank",) * 2,
         "triton_transform": ("NotImplementedError",) * 2,
     }
     for i, case in enumerate(cases):

@@ -33,7 +33,9 @@ REPLICATED = (("student_hidden", False), ("self_hidden", False), ("teacher_hidde
               ("mask", True), ("hard_labels", True))
 #: Relative tolerance of the floating-point checksums (bitwise-replicated inputs agree exactly).
 CHECKSUM_RTOL = 1e-7
-_HEAD = 7  # error flag, bias flag, V_r, N, Hs, Ht, d hidden wanted
+#: Optional shard tensors: given on every rank or on none (a missing self_weight would change the model).
+OPTIONAL = ("student_bias", "teacher_bias", "self_weight", "self_bias")
+_HEAD = 7 + len(OPTIONAL)  # error flag, bias flag, V_r, N, Hs, Ht, d hidden wanted, which optional tensors
 _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 
 
@@ -112,8 +114,9 @@ def validate_sharded(student_hidden, student_weight, teacher_hidden, teacher_wei
     else:
         # whether this rank will sum d hidden over the group: a rank that would not would leave the others waiting
         wants = torch.is_grad_enabled() and student_hidden.requires_grad
-        head[2:] = torch.tensor([local, valid.numel(), student_weight.shape[1], teacher_weight.shape[1], wants],
-                                dtype=torch.float64)
+        given = [x is not None for x in (student_bias, teacher_bias, self_weight, self_bias)]
+        head[2:] = torch.tensor([local, valid.numel(), student_weight.shape[1], teacher_weight.shape[1], wants,
+                                 *given], dtype=torch.float64)
     if config.check_values:
         if error is None:
             # The shard's own biases (not replicated, so checked before the exchange): -inf allowed, NaN/+inf not.
@@ -161,6 +164,9 @@ def _raise_collectively(table: Tensor, rank: int, error: Optional[ValueError], b
     if not torch.all(table[:, 6] == table[0, 6]):
         raise ValueError("student_hidden.requires_grad (and the grad mode) must be the same on every rank of "
                          "vocab_group: the gradient of the hidden states is summed over the group")
+    for col, name in enumerate(OPTIONAL, 7):
+        if not torch.all(table[:, col] == table[0, col]):
+            raise ValueError(f"{name} must be given on every rank of vocab_group or on none")
     if not with_values:
         return
     if table[rank, 1] != 0:
