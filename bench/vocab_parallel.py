@@ -230,7 +230,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     emit(f"Load average after: {os.getloadavg()[0]:.1f}. Traffic: elements counted in "
          "`vocab_parallel.comm.TRAFFIC`, bytes = fp32 x (ranks - 1) x all-gather + 2 (ranks - 1) / ranks x "
          "all-reduce. Memory: VmHWM - VmRSS of rank 0 around one call after a warm-up (the allocator reuses "
-         "freed blocks: small shapes read low).")
+         "freed blocks: small shapes read low). Time: one single-threaded process per rank; with more ranks than "
+         "free cores they share the cores, so the time shows no scaling on a busy machine.")
     if args.md:
         from bench.report import merge_section
 
