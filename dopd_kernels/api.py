@@ -100,7 +100,8 @@ def routed_loss(
     )
     args = (student_hidden, student_weight, teacher_hidden, teacher_weight, self_hidden, target_ids, valid)
     chosen = _resolve_backend(backend, student_hidden.device, config, student_hidden.dtype,
-                              CallShape.of(student_hidden, student_weight, student_bias, teacher_bias))
+                              CallShape.of(student_hidden, student_weight, student_bias, teacher_bias,
+                                           (s_tf, kwargs["teacher_transform"], kwargs["self_transform"])))
     if chosen == "reference":
         return reference_routed_loss(*args, **kwargs)
     if chosen == "triton":

@@ -111,14 +111,12 @@ def triton_routed_loss(
     float64 inputs go to the PyTorch path (the kernels accumulate in fp32). Masked tokens are carried
     through the statistics pass (cost N, not the valid count) but never routed, weighted or reduced.
     """
-    if not (student_transform.is_identity and teacher_transform.is_identity and self_transform.is_identity):
-        raise NotImplementedError("triton_routed_loss: logit transforms (scale/softcap) are not implemented on this backend "
-                                  "yet; use backend='reference'")
     if torch.float64 in (student_hidden.dtype, student_weight.dtype, teacher_hidden.dtype, teacher_weight.dtype):
         return chunked_routed_loss(
             student_hidden, student_weight, teacher_hidden, teacher_weight, self_hidden, target_ids, valid,
             student_bias=student_bias, teacher_bias=teacher_bias, self_weight=self_weight, self_bias=self_bias,
-            hard_labels=hard_labels, config=config)
+            hard_labels=hard_labels, config=config, student_transform=student_transform,
+            teacher_transform=teacher_transform, self_transform=self_transform)
     shape = target_ids.shape
     vocab, hs = student_weight.shape
     device = student_hidden.device
@@ -142,9 +140,9 @@ def triton_routed_loss(
     with device_guard(device), torch.no_grad():
         stats = {
             "self": fused_linear_stats(h_p, w_p, b_p, y, vocab=vocab, inv_tau=inv_tau,
-                                       top_k=k if "self" in topk_sources else 0),
+                                       top_k=k if "self" in topk_sources else 0, transform=self_transform),
             "teacher": fused_linear_stats(h_t, w_t, b_t, y, vocab=vocab, inv_tau=inv_tau,
-                                          top_k=k if "teacher" in topk_sources else 0),
+                                          top_k=k if "teacher" in topk_sources else 0, transform=teacher_transform),
         }
         lp_self, lp_teacher = stats["self"].target_logprob, stats["teacher"].target_logprob
         routing = route_tokens(lp_self, lp_teacher, flat_valid, config)
@@ -178,9 +176,9 @@ def triton_routed_loss(
                 lsrc=torch.where(use_t != 0, lp_teacher, lp_self), red=red_w,
             )
             student_full_rows(
-                order=order, count=count, student=Model(h_s, w_s, b_s),
-                teacher=Model(h_t, w_t, b_t) if ("teacher", "full") in uses else None,
-                self_model=Model(h_p, w_p, b_p) if ("self", "full") in uses else None,
+                order=order, count=count, student=Model(h_s, w_s, b_s, student_transform),
+                teacher=Model(h_t, w_t, b_t, teacher_transform) if ("teacher", "full") in uses else None,
+                self_model=Model(h_p, w_p, b_p, self_transform) if ("self", "full") in uses else None,
                 per_row=per_row, vocab=vocab, inv_tau=inv_tau, jsd_beta=config.jsd_beta, ce_weight=config.ce_weight,
                 flags={d: any(s.support == "full" and s.divergence == d for s in full_specs) for d in KIND_CODES}
                 | {"sampled": any(s.support == "sampled" for s in full_specs)},
@@ -190,7 +188,7 @@ def triton_routed_loss(
         if topk_sources:
             topk_rows(route=route, hidden=h_s, weight=w_s, bias=b_s,
                       stats={s: stats[s] for s in sorted(topk_sources)}, config=config, red_w=red_w,
-                      per_token=per_token, grads=grads)
+                      per_token=per_token, grads=grads, transform=student_transform)
         per_token = torch.where(flat_valid, per_token, 0.0)
         loss_value = (per_token * red_w).sum()
 
@@ -204,7 +202,8 @@ def triton_routed_loss(
         """Student log-probs: from the full-softmax rows where computed, else one student stats pass."""
         with device_guard(device), torch.no_grad():
             missing = torch.isnan(student_logprob)
-            fresh = fused_linear_stats(h_s, w_s, b_s, y, vocab=vocab, inv_tau=inv_tau).target_logprob
+            fresh = fused_linear_stats(h_s, w_s, b_s, y, vocab=vocab, inv_tau=inv_tau,
+                                       transform=student_transform).target_logprob
             out = torch.where(missing, fresh, student_logprob)
             return torch.where(flat_valid, out, 0.0).reshape(shape)
 
