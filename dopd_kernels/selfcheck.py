@@ -7,12 +7,13 @@ mismatch, or if the kernels fail to compile or launch, it warns once (naming the
 Triton versions) and ``backend="auto"`` uses the PyTorch path on that device for the rest of the process.
 ``DOPD_TRITON_SELFCHECK=0`` skips the check (``backend="triton"`` never runs it).
 The problem mirrors the call (its config, dtype, biases, which tensors want gradients, the three models'
-logit transforms: a soft-cap compiles its own kernel variants) at 2 x 64 tokens,
-V = 33792, H = 64 / 96, sizes that give the kernels the specializations of real shapes (multiples of 16,
-several vocabulary splits, full-size top-K lists), so the variants it compiles are the ones the call
-compiles anyway (checked with the sm_90 launch recorder of tests/_triton_launches.py for dopd and
-vanilla_opd_sampled against N = 16384, V = 151936): it adds a small problem's run time, no compile time. Inside a CUDA graph capture it cannot run (it
-compares on the host): it is skipped there, which is one more reason for the warm-up call before a capture.
+logit transforms: a soft-cap compiles kernel variants of its own) at 2 x 64 tokens, V = 33792,
+H = 64 / 96, sizes that give the kernels the specializations of real shapes (multiples of 16, several
+vocabulary splits, full-size top-K lists), so the variants it compiles are the ones the call compiles
+anyway (checked with the sm_90 launch recorder of tests/_triton_launches.py for dopd and
+vanilla_opd_sampled against N = 16384, V = 151936): it adds a small problem's run time, no compile time.
+Inside a CUDA graph capture it cannot run (it compares on the host): it is skipped there, which is one
+more reason for the warm-up call before a capture.
 """
 
 from __future__ import annotations

@@ -50,7 +50,8 @@ KIND_CODES = {"rkl": KIND_RKL, "fkl": KIND_FKL, "jsd": KIND_JSD}
 def _rows_kernel(zs_ptr, zt_ptr, zp_ptr, stride_z, count_ptr, row0, rows_ptr,
                  y_ptr, yh_ptr, kind_ptr, rw_ptr, use_t_ptr, lse_t_ptr, lse_p_ptr, lsrc_ptr, red_ptr,
                  loss_ptr, slp_ptr, amax_ptr, vocab, grad_scale, inv_post, beta, log_beta, log_1m_beta, ce_weight,
-                 SOFTCAP: tl.constexpr, HAS_T: tl.constexpr, HAS_P: tl.constexpr, HAS_RKL: tl.constexpr, HAS_FKL: tl.constexpr,
+                 SOFTCAP: tl.constexpr, HAS_T: tl.constexpr, HAS_P: tl.constexpr, HAS_RKL: tl.constexpr,
+                 HAS_FKL: tl.constexpr,
                  HAS_JSD: tl.constexpr, HAS_SAMPLED: tl.constexpr, HAS_CE: tl.constexpr,
                  WANT_GRAD: tl.constexpr, GRAD_AMAX: tl.constexpr, BLOCK_V: tl.constexpr):
     r = tl.program_id(0)
@@ -268,7 +269,9 @@ def student_full_rows(*, order: torch.Tensor, count: torch.Tensor, student: Mode
             per_row["lse_p"], per_row["lsrc"], per_row["red"], per_token, student_logprob,
             chunk_amax if chunk_amax is not None else zs,
             vocab, float(tf_s.grad_scale), float(tf_s.inv_post), float(jsd_beta), math.log(jsd_beta),
-            math.log1p(-jsd_beta), float(ce_weight), SOFTCAP=tf_s.softcap, HAS_T=teacher is not None, HAS_P=self_model is not None, HAS_RKL=flags["rkl"], HAS_FKL=flags["fkl"],
+            math.log1p(-jsd_beta), float(ce_weight),
+            SOFTCAP=tf_s.softcap and want_grad,  # only the gradient sweep reads it: no variant without one
+            HAS_T=teacher is not None, HAS_P=self_model is not None, HAS_RKL=flags["rkl"], HAS_FKL=flags["fkl"],
             HAS_JSD=flags["jsd"], HAS_SAMPLED=flags["sampled"], HAS_CE=ce_weight > 0, WANT_GRAD=want_grad,
             GRAD_AMAX=chunk_amax is not None, BLOCK_V=blocks.row_v, num_warps=blocks.num_warps,
         )

@@ -24,9 +24,26 @@ multiplies are int64 in every kernel (V x H and C x V pass 2^31 at real sizes).
 CUDA graphs: run one call (forward and backward) before capturing: it compiles the kernels, copies the
 route tables to the device (``tables.py``; tables read during a capture are never evicted) and runs
 backend="auto"'s one-time self-check (``selfcheck.py``); use ``check_values=False`` inside the graph.
-Compile coverage: tests/test_triton_compile.py compiles every variant the launcher emits (126: presets, CE,
-custom tables, bf16 / fp16 / fp32, biases, two-pass, gradients or not) for sm_90 and checks wgmma, shared
-memory (max 128 KB of 227 KB), 64-bit offsets and the rows kernel's barrier.
+Compile coverage: tests/test_triton_compile.py compiles every variant the launcher emits (157: presets, CE,
+custom tables, bf16 / fp16 / fp32, biases, two-pass, gradients or not, soft-caps) for sm_90 and checks wgmma,
+shared memory (max 128 KB of 227 KB), 64-bit offsets and the rows kernel's barrier.
+Logit transforms (``softcap.py``): each model's LogitTransform is the epilogue of every kernel that forms
+its logits (statistics tile, two-pass and full-support logit GEMMs, top-K gather). A multiplier folds into
+the 1 / tau multiply, so identity and multiplier-only models run the variants compiled before transforms
+existed (the GEMM's identity variants have no exp2 at all: checked by the sweep); a soft-cap compiles
+variants of its own (constexpr SOFTCAP): one tanh per logit per pass, -inf kept, and the slope
+1 - tanh^2 read off the stored logits in the rows kernel's gradient sweep (~4 instructions per logit of a
+memory-bound sweep) and off the (N, K) gathered logits before the scatter (torch, O(N K)). Its cost, from
+the sm_90 SASS of the twin variants (static counts, executed once per tile and thread): +691 instructions
+(2 MUFU per logit) per 64 x 128 statistics tile with top-K (32 logits per thread; 255 registers either
+way, spills unchanged at ~1.4 KB), +2029 per 128 x 128 tile without top-K (226 -> 255 registers, no
+spills), +1658 per 128 x 128 logit-GEMM tile (116 -> 146 registers). Predicted on an H200 (1.98 GHz, 4
+issue slots per SM, epilogue not overlapped with the MMA, not measured): +0.7 us per 64 x 128 top-K tile
+against ~7 us of MMA at Hs = 2048 (+10 %; +5 % at Ht = 4096), i.e. ~1.6 ms per soft-capped model in stage 1
+at N = 16384, V = 151936 (~2.3 ms without top-K, or in the two-pass GEMM's epilogue ~1.9 ms); ~0.5 ms per
+logit GEMM of stage 3 (HT = 0.25 N); stage 4 ~0. Gemma 2 (all three models capped) with dopd: ~+4-5 ms on
+the ~108-130 ms below (~4 %); the MUFU pipe (the tanh's 2 + the log-sum-exp's 1 per logit: ~1.5K cycles
+per top-K tile) stays under the issue time.
 
 Predicted H200 time, N=16384, Hs=2048, Ht=4096, V=151936, bf16, HT fraction 0.25, K=128 (not measured:
 no GPU has been lent to a build session yet):

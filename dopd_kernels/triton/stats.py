@@ -67,7 +67,8 @@ def _tile_logits(h_ptr, w_ptr, rows, row_ok, cols, col_ok, hidden, stride_hn, st
 @triton.jit
 def _stats_kernel(h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, s_ptr, tgt_ptr, val_ptr, id_ptr, cnt_ptr,
                   n_rows, vocab, hidden, v_per_split, n_splits, stride_hn, stride_wv, pre, post,
-                  HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, TOPK: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, TOPK: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                  IEEE: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, KB: tl.constexpr,
                   CAP: tl.constexpr, CH: tl.constexpr, FROM_LOGITS: tl.constexpr):
     pid_n = tl.program_id(0)
