@@ -111,7 +111,7 @@ def test_stats_kernel_softcap_ties_and_minus_inf_splits():
     with 9 saturated entries (exact ties at the cap) across a K = 5 cut, which go to the lower ids as
     topk_lower_id's; whole -inf splits (7 splits of one 16-wide tile; splits 0-2 are -inf) stay -inf."""
     g = torch.Generator().manual_seed(7)
-    n, hidden, vocab, k = 19, 16, 100, 5
+    n, hidden, vocab, k = 9, 16, 100, 5  # one 16-row block: 7 programs
     h = torch.randn(n, hidden, generator=g)
     w = torch.randn(vocab, hidden, generator=g)
     b = torch.zeros(vocab)
