@@ -82,7 +82,8 @@ def _epilogue(z, tf, inv_tau):
 
 def test_epilogue_tanh_against_float64():
     """post * tanh(pre * z) within 4 fp32 ulps of float64 over the whole range (both branches of tanh_f32, its
-    boundary, tiny and huge logits, +-inf); -inf stays -inf, +inf saturates, nothing is NaN; the slope
+    boundary, tiny and huge logits, +-inf; 2.2 ulps measured under the interpreter, whose exp is numpy's; on a
+    GPU, ex2.approx and div.full may add ~4 more); -inf stays -inf, +inf saturates, nothing is NaN; the slope
     1 - tanh^2 within 1e-6 absolute and exactly 0 at -inf; without a cap, exactly z * post."""
     tf, inv_tau = LogitTransform(scale=1.3, softcap=2.0), 0.8
     pre = 1.3 / 2.0
@@ -97,7 +98,7 @@ def test_epilogue_tanh_against_float64():
     want = 2.0 * inv_tau * torch.tanh(pre * z64)
     fin = torch.isfinite(z)
     err = (out.double() - want).abs() / want.abs().clamp_min(1e-37)
-    assert err[fin].max() < 4 * 2.0**-23, err[fin].max()
+    assert err[fin].max() < (4 if DEVICE == "cpu" else 8) * 2.0**-23, err[fin].max()
     assert out[z == float("inf")].item() == pytest.approx(2.0 * inv_tau, rel=1e-7)
     want_slope = 1.0 - torch.tanh(pre * z64) ** 2
     assert (slope.double() - want_slope)[~torch.isneginf(z)].abs().max() < 1e-6
