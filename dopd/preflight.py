@@ -6,8 +6,8 @@ Two stages, both before anything is written to the output directory:
    its teacher, so a typo never waits for minutes of set-up.
 2. :func:`check_run` -- the files, in seconds: data (and answers in the eval data), the model configs
    (``AutoConfig``: a local-looking path that does not exist fails at once, without asking the Hub),
-   each model's logit post-processing (applied exactly, or the model is refused), whether the loss
-   backend implements it, the tokenizers and vocabularies.
+   each model's logit post-processing (applied exactly, or the model is refused), the tokenizers and
+   vocabularies.
 Every failure is a :class:`~dopd.config.ConfigError`, :class:`~dopd.data.DataError` or
 :class:`~dopd.modeling.CompatibilityError` naming the flag, the value and the valid values; the CLI
 prints it as ``dopd <command>: error: ...`` and exits with status 2.
