@@ -9,9 +9,11 @@ early or fuses them (torch.compile) can stay below, one that keeps extra copies 
 from __future__ import annotations
 
 from bench.shapes import BenchShape
+from dopd_kernels.chunked_stats import CONVERT_BLOCK_ELEMENTS
 
 LIGER_CHUNK = 1024  # LigerFusedLinearJSDLoss default chunk_size
 F32 = 4
+CONVERT_BLOCK_BYTES = CONVERT_BLOCK_ELEMENTS * F32  # the PyTorch path's buffer of converted bf16 head rows
 
 
 def gemm_flops(n: int, h: int, v: int) -> float:
@@ -74,8 +76,10 @@ def predicted_bytes(impl: str, mode: str, s: BenchShape, n_ht: int, chunk: int =
     if impl == "floor_alg":
         return 2 * nv * e + 2 * n_ht * s.v * e + grads  # unchunked floor GEMM outputs
     # our paths: a few chunk x V buffers (student, source, softmaxes, gradient), top-K of both sources,
-    # float32 gradient accumulators, then the gradients in the input dtype
-    return 5 * min(chunk, s.n) * s.v * F32 + 2 * s.n * k * (F32 + 8) + (s.v * s.hs + s.n * s.hs) * F32 + grads
+    # float32 gradient accumulators, then the gradients in the input dtype; bf16/fp16 heads on the PyTorch
+    # path add one fp32 block of converted vocabulary rows (never a full fp32 copy of a head)
+    block = CONVERT_BLOCK_BYTES if impl == "torch" and e < F32 else 0
+    return 5 * min(chunk, s.n) * s.v * F32 + 2 * s.n * k * (F32 + 8) + (s.v * s.hs + s.n * s.hs) * F32 + grads + block
 
 
 def prediction_note(impl: str, mode: str) -> str:
@@ -95,4 +99,4 @@ def prediction_note(impl: str, mode: str) -> str:
         "liger_compiled": "6 chunk.V fp32 (chunk 1024) + fp32 dW + grads",
         "floor_5gemm": "3 N.V GEMM outputs + grads",
         "floor_alg": "2 N.V + 2 N_HT.V GEMM outputs + grads",
-    }.get(impl, "5 chunk.V fp32 + 2 N.K top-K + fp32 grads + grads")
+    }.get(impl, "5 chunk.V fp32 + 2 N.K top-K + fp32 grads + grads (bf16 torch: + one 64 MiB fp32 block)")

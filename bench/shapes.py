@@ -53,6 +53,7 @@ class SuiteShapes:
     compare: tuple[BenchShape, ...]
     scaling_n: tuple[BenchShape, ...]  # our paths and the floors only; N values not already in `compare`
     scaling_v: tuple[BenchShape, ...]  # our paths only: memory flat in V beyond the chunk
+    dtypes: tuple[BenchShape, ...] = ()  # the PyTorch path on one shape in float32 and in bfloat16
 
 
 def resolve_size_set(option: str | None) -> str:
@@ -97,8 +98,14 @@ def suite_shapes(device: str, size_set: str) -> SuiteShapes:
     v_base = replace(base, n=compare_n[size_set][-1] if size_set == "small" else base.n)
     if device == "cuda":
         v_base = replace(base, n=8192)
+    # bf16 beside fp32 on the PyTorch path: Qwen2.5-0.5B's head as the student, 1.5B's as the teacher
+    # (V=151936, Hs=896, Ht=1536), where a full fp32 copy of the bf16 heads would be 1.4 GiB.
+    qwen = BenchShape(n=512 if device == "cpu" else 8192, hs=896, ht=1536, v=151936, dtype="float32", device=device)
+    if size_set == "small":
+        qwen = replace(qwen, n=256, v=32768)
     return SuiteShapes(
         compare=_sweep(base, "n", compare_n[size_set]),
         scaling_n=_sweep(base, "n", scaling_n[size_set]),
         scaling_v=_sweep(v_base, "v", scaling_v[size_set]),
+        dtypes=_sweep(qwen, "dtype", ("float32", "bfloat16")),
     )

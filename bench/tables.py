@@ -207,10 +207,30 @@ def section_markdown(data: dict, rows: list[Row], png: str) -> str:
         lines += ["### Statistics pass alone (self + teacher target log-prob, top-K, routing)", ""]
         lines += comparison_table(rows, "stats")
     lines += scaling_lines(rows)
+    lines += dtype_lines(rows)
     notes = sorted({(r.impl, r.mode, r.pred_note) for r in rows})
     lines += ["### What the memory predictions count", ""]
     lines += [f"- {impl} ({mode}): {note}" for impl, mode, note in notes]
     return "\n".join(lines) + "\n"
+
+
+def dtype_lines(rows: list[Row]) -> list[str]:
+    """The PyTorch path on one shape with float32 and bfloat16 inputs (suite ``dtypes``)."""
+    drows = sorted((r for r in rows if r.suite == "dtypes"), key=lambda r: (r.n, r.v, r.dtype != "float32"))
+    if not drows:
+        return []
+    lines = ["### The PyTorch path: bfloat16 inputs beside float32", "",
+             "Same values (bf16 rounded), same routes. *Heads* is the size of the inputs' two output projections "
+             "(a full fp32 copy of bf16 heads would add 2x that); the predicted memory counts one 64 MiB "
+             "converted block for bf16.", "",
+             "| dtype | N | Hs | Ht | V | heads | median | peak extra memory | predicted memory |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in drows:
+        itemsize = 2 if r.dtype in ("bfloat16", "float16") else 4 if r.dtype == "float32" else 8
+        heads = r.v * (r.hs + r.ht) * itemsize
+        lines.append(f"| {r.dtype} | {r.n} | {r.hs} | {r.ht} | {r.v} | {fmt_bytes(heads)} | {fmt_time(r.median)} | "
+                     f"{fmt_bytes(r.mem)} | {fmt_bytes(r.pred_bytes)} |")
+    return lines + [""]
 
 
 def short_table(rows: list[Row]) -> str:

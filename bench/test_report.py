@@ -74,4 +74,18 @@ def test_report_end_to_end(tmp_path) -> None:
     torch_row = next(line for line in text.splitlines() if line.startswith("| torch | 1.500 s"))
     assert "| 0.75 | 1.50 | 0.50 |" in torch_row
     assert "R^2 1.000" in text  # exactly linear synthetic scaling
+    assert "bfloat16 inputs beside float32" not in text  # no dtypes suite in this run: no table
     assert len(load_rows(json.loads(path.read_text()))) == len(benches)
+
+
+def test_dtype_table(tmp_path) -> None:
+    benches = [_bench("torch", 512, 2.0, 1e9, "dtypes"), _bench("torch", 512, 2.5, 8e8, "dtypes")]
+    benches[1]["extra_info"]["dtype"] = "bfloat16"
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"benchmarks": benches, "machine_info": {"cpu": {"count": 2}}, "datetime": "2026"}))
+    md = tmp_path / "R.md"
+    report_main([str(path), "--md", str(md), "--png", str(tmp_path / "r.png")])
+    lines = md.read_text().split("bfloat16 inputs beside float32", 1)[1].splitlines()
+    rows = [line for line in lines if line.startswith("| float32") or line.startswith("| bfloat16")]
+    assert rows[0].startswith("| float32 | 512 | 512 | 1024 | 32768 | 192.0 MiB | 2.000 s | 953.7 MiB")
+    assert rows[1].startswith("| bfloat16 | 512 | 512 | 1024 | 32768 | 96.0 MiB | 2.500 s | 762.9 MiB")

@@ -9,19 +9,34 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from typing import Optional, Sequence
 
 from dopd.config import ConfigError, add_config_flags, flag_overrides, resolve_config
 
 
+TEMPERATURE_HELP = ("sampling temperature of the rollouts; the loss and routing use the same one unless "
+                    "--loss temperature=T is given (a warning then says that they differ)")
+DTYPE_HELP = ("float32, or mixed precision: bfloat16 | float16 compute (autocast) over fp32 master weights and "
+              "optimizer state; teacher and frozen self stored in that dtype")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dopd", description="Dual On-policy Distillation: train, evaluate, plot.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
-    tr = sub.add_parser("train", help="distil a student (no arguments: the embedded default task)",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # No ArgumentDefaultsHelpFormatter: every config flag defaults to None (it overrides nothing unless
+    # given) and already states the field's real default in its help.
+    tr = sub.add_parser("train", help="distil a student (no arguments: the embedded default task)", parents=[common])
     tr.add_argument("--config", help="YAML file of TrainConfig fields (flags override it)")
     add_config_flags(tr)
-    ev = sub.add_parser("eval", help="greedy accuracy of a model on held-out prompts")
+    for action in tr._actions:  # the two flags whose meaning needs more than their default
+        if action.dest == "temperature":
+            action.help = f"{TEMPERATURE_HELP} (default: 1.0)"
+        elif action.dest == "dtype":
+            action.help, action.choices = f"{DTYPE_HELP} (default: float32)", ("float32", "bfloat16", "float16")
+    ev = sub.add_parser("eval", help="greedy accuracy of a model on held-out prompts", parents=[common])
     ev.add_argument("--model", required=True, help="path or id of the model to evaluate")
     ev.add_argument("--data", required=True, help="JSON lines with prompt and answer")
     ev.add_argument("--tokenizer", help="defaults to the model's")
@@ -33,18 +48,23 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--response-prefix", default="\n")
     ev.add_argument("--no-chat-template", action="store_true")
     ev.add_argument("--device", default="auto")
+    ev.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                    help="the model's weights and compute dtype (bfloat16 halves the memory)")
     ev.add_argument("--output", help="write the result as JSON here")
-    pl = sub.add_parser("plot", help="draw route fractions, loss and accuracy of a run into a PNG")
+    pl = sub.add_parser("plot", help="draw route fractions, loss and accuracy of a run into a PNG", parents=[common])
     pl.add_argument("dir", help="the run's output directory (holds metrics.jsonl)")
     pl.add_argument("--out", help="PNG path (default DIR/training.png)")
     from dopd.compare import add_compare_parser
 
-    add_compare_parser(sub)
+    add_compare_parser(sub, parents=[common])
     return p
 
 
 def _train(args: argparse.Namespace) -> int:
+    from dopd.preflight import check_flags
+
     config = resolve_config(args.config, flag_overrides(args))
+    check_flags(config, warn=False)  # the flags alone, before the embedded task trains its teacher (minutes)
     embedded = config.is_embedded_default
     if embedded:
         import os
@@ -73,17 +93,31 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from dopd.data import PromptTemplate, load_records
+    from dopd.data import PromptTemplate
     from dopd.evaluate import evaluate
-    from dopd.modeling import load_causal_lm, load_tokenizer, resolve_device
+    from dopd.modeling import CompatibilityError, first_line, load_causal_lm, load_tokenizer, model_config, resolve_device
+    from dopd.precision import Precision
+    from dopd.preflight import load_data
 
-    records = load_records(args.data, require_privileged=False)[: args.limit or None]
+    # Everything that needs no weights first: the data and its answers, the device, the model's config.
+    if args.limit < 0 or args.batch_size < 1 or args.max_new_tokens < 1:
+        raise ConfigError(f"--limit must be >= 0, --batch-size and --max-new-tokens >= 1; got {args.limit}, "
+                          f"{args.batch_size}, {args.max_new_tokens}")
+    records = load_data("--data", args.data, eval_data=True)[: args.limit or None]
+    device = resolve_device(args.device)
+    precision = Precision(args.dtype)
+    model_config(args.model, "--model")
     template = PromptTemplate(student_template=args.student_template, response_prefix=args.response_prefix,
                               use_chat_template=not args.no_chat_template)
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
-    model = load_causal_lm(args.model, "float32", resolve_device(args.device), trainable=False)
-    result = evaluate(model, tokenizer, template, records, max_new_tokens=args.max_new_tokens,
-                      batch_size=args.batch_size, marker=args.answer_marker)
+    try:
+        tokenizer = load_tokenizer(args.tokenizer or args.model)
+    except OSError as err:
+        raise CompatibilityError(f"{'--tokenizer' if args.tokenizer else '--model'} {args.tokenizer or args.model}: "
+                                 f"cannot load its tokenizer ({first_line(err)})") from None
+    model = load_causal_lm(args.model, precision.frozen_dtype, device, trainable=False)
+    with precision.autocast(device):
+        result = evaluate(model, tokenizer, template, records, max_new_tokens=args.max_new_tokens,
+                          batch_size=args.batch_size, marker=args.answer_marker)
     print(f"accuracy: {result['accuracy']:.4f} ({result['n']} prompts)")
     for ex in result["examples"][:3]:
         print(f"  {'ok ' if ex['correct'] else 'err'} {ex['prompt']!r} -> {ex['response']!r} (answer {ex['answer']})")
@@ -101,7 +135,11 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of the ``dopd`` console script; returns the exit status."""
+    """Entry point of the ``dopd`` console script; returns the exit status.
+
+    A bad flag, file or model is one line ``dopd <command>: error: ...`` and status 2 (``--debug``: the
+    traceback instead).
+    """
     args = _parser().parse_args(argv)
     from transformers.utils import logging as hf_logging
 
@@ -110,13 +148,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from dopd.modeling import CompatibilityError
 
     try:
-        if args.command == "compare":
-            from dopd.compare import run_compare_command
+        with warnings.catch_warnings():  # one line per warning, like the errors (restored on return)
+            warnings.showwarning = lambda message, category, *_a, **_k: print(
+                f"dopd {args.command}: warning: {message}", file=sys.stderr)
+            if args.command == "compare":
+                from dopd.compare import run_compare_command
 
-            return run_compare_command(args)
-        return {"train": _train, "eval": _eval, "plot": _plot}[args.command](args)
+                return run_compare_command(args)
+            return {"train": _train, "eval": _eval, "plot": _plot}[args.command](args)
     except (ConfigError, DataError, CompatibilityError, OSError) as err:  # OSError: a missing model path
-        print(f"dopd {args.command}: error: {err}", file=sys.stderr)
+        if args.debug:
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__  # one line, whatever the library wrote
+        print(f"dopd {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -260,9 +260,10 @@ def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def add_compare_parser(sub: Any) -> None:
-    """Register ``dopd compare`` on the CLI's subparsers."""
-    cp = sub.add_parser("compare", help="presets x seeds on a built-in task -> compare.json/.md/.png")
+def add_compare_parser(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> None:
+    """Register ``dopd compare`` on the CLI's subparsers (``parents``: the CLI's common flags)."""
+    cp = sub.add_parser("compare", help="presets x seeds on a built-in task -> compare.json/.md/.png",
+                        parents=list(parents))
     cp.add_argument("--output-dir", required=True, help="where the runs, data and reports go")
     cp.add_argument("--task", help="a built-in task (default: the default task)")
     cp.add_argument("--task-size", default="full", help="full (default) | small (quick looks) | tiny (seconds)")

@@ -35,11 +35,11 @@ class Record:
     answer: Optional[str] = None
 
 
-def _check_record(raw: Any, where: str, require_privileged: bool) -> Record:
+def _check_record(raw: Any, where: str, require_privileged: bool, require_answer: bool = False) -> Record:
     """Validate one raw mapping and turn it into a :class:`Record`."""
     if not isinstance(raw, dict):
         raise DataError(f"{where}: expected an object with fields {REQUIRED_FIELDS}, got {type(raw).__name__}")
-    required = REQUIRED_FIELDS if require_privileged else ("prompt",)
+    required = (REQUIRED_FIELDS if require_privileged else ("prompt",)) + (("answer",) if require_answer else ())
     missing = [f for f in required if f not in raw or raw[f] is None]
     if missing:
         raise DataError(f"{where}: missing field(s) {missing}; each record needs {list(required)}")
@@ -76,12 +76,13 @@ def _read_file(path: str) -> list[Any]:
         return rows
 
 
-def load_records(source: Any, require_privileged: bool = True) -> list[Record]:
+def load_records(source: Any, require_privileged: bool = True, require_answer: bool = False) -> list[Record]:
     """Load and validate records from a path, a list of dicts or a ``datasets.Dataset``.
 
     Raises :class:`DataError` on a missing field, a non-string field, an empty prompt or no records;
     this runs before any model is loaded so that bad data fails in seconds.
-    ``require_privileged=False`` is for evaluation data, which needs only ``prompt`` (and ``answer``).
+    ``require_privileged=False`` is for evaluation data, which needs only ``prompt`` and ``answer``
+    (``require_answer=True``: every record is scored).
     """
     if isinstance(source, (str, os.PathLike)):
         name, rows = str(source), _read_file(str(source))
@@ -94,7 +95,7 @@ def load_records(source: Any, require_privileged: bool = True) -> list[Record]:
         raise DataError(f"cannot read records from {type(source).__name__}")
     if not rows:
         raise DataError(f"{name}: no records")
-    return [_check_record(r, f"{name}[{i}]", require_privileged) for i, r in enumerate(rows)]
+    return [_check_record(r, f"{name}[{i}]", require_privileged, require_answer) for i, r in enumerate(rows)]
 
 
 def write_records(records: Iterable[dict[str, Any] | Record], path: str) -> None:

@@ -11,11 +11,11 @@ Both read only config.json and tokenizer files, so bad pairs fail in seconds.
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from dopd.precision import DTYPES  # noqa: F401  (re-exported: the --dtype names)
 
 
 class CompatibilityError(ValueError):
@@ -23,10 +23,69 @@ class CompatibilityError(ValueError):
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when available, else CPU."""
+    """``auto`` picks CUDA when available, else CPU; a device that does not exist here is a ConfigError."""
+    from dopd.config import ConfigError
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device {name}: not a device; valid: auto, cpu, cuda, cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"--device {name}: CUDA is not available on this machine; valid here: auto, cpu")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"--device {name}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
+    elif device.type != "cpu":
+        raise ConfigError(f"--device {name}: unsupported device type {device.type!r}; valid: auto, cpu, cuda, cuda:N")
+    return device
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (library errors can run to many lines), else its type."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def looks_local(path: str) -> bool:
+    """True when ``path`` can only be a local path, not a Hub id (``name`` or ``org/name``).
+
+    That is: it starts with ``/``, ``.`` or ``~``, holds a backslash or more than one ``/``, or its first
+    component is an existing local directory (``runs/x`` when ``runs/`` exists).
+    """
+    if path.startswith(("/", ".", "~")) or "\\" in path or path.count("/") > 1:
+        return True
+    return "/" in path and os.path.isdir(path.split("/", 1)[0])
+
+
+def check_model_path(path: str, flag: str) -> None:
+    """Fail at once (no Hub round trip) when ``path`` looks local and is not a model directory."""
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise CompatibilityError(f"{flag} {path}: not a directory (a model is a directory with config.json, "
+                                     "or a Hub id)")
+        return
+    if looks_local(path):
+        raise CompatibilityError(f"{flag} {path}: no such directory (a local path; Hub ids look like org/name)")
+
+
+def model_config(path: str, flag: str) -> Any:
+    """The model's ``AutoConfig`` (config.json only, no weights); a CompatibilityError naming ``flag`` when
+    it is missing, unreadable or not a causal language model."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    check_model_path(path, flag)
+    try:
+        cfg = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as err:
+        raise CompatibilityError(f"{flag} {path}: cannot read its config ({first_line(err)})") from None
+    if type(cfg) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise CompatibilityError(f"{flag} {path}: {type(cfg).__name__} ({cfg.model_type}) is not a causal language "
+                                 "model that AutoModelForCausalLM can load")
+    return cfg
 
 
 def load_tokenizer(path: str) -> Any:
@@ -43,11 +102,11 @@ def load_tokenizer(path: str) -> Any:
 
 
 def _vocab_rows(path: str) -> int:
-    """The number of lm_head rows from config.json (``vocab_size``; text_config for multimodal configs)."""
+    """The number of lm_head rows from config.json (``vocab_size``; the text config for multimodal configs)."""
     from transformers import AutoConfig
 
     cfg = AutoConfig.from_pretrained(path)
-    for c in (cfg, getattr(cfg, "text_config", None)):
+    for c in (cfg.get_text_config(), cfg):
         if c is not None and getattr(c, "vocab_size", None):
             return int(c.vocab_size)
     raise CompatibilityError(f"{path}: config has no vocab_size")
@@ -92,11 +151,12 @@ def teacher_tokenizer(teacher: str) -> Optional[Any]:
         return None
 
 
-def load_causal_lm(path: str, dtype: str, device: torch.device, trainable: bool) -> Any:
-    """Load a causal LM; a frozen one (the teacher) gets ``requires_grad=False`` and eval mode."""
+def load_causal_lm(path: str, dtype: Union[str, torch.dtype], device: torch.device, trainable: bool) -> Any:
+    """Load a causal LM in ``dtype``; a frozen one (the teacher) gets ``requires_grad=False`` and eval mode."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(device)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype] if isinstance(dtype, str) else dtype)
+    model = model.to(device)
     # Eval mode for every model, the trained one too (as TRL does): dropout would make the student and
     # self passes compute a different function from the one that sampled the responses.
     model.eval()

@@ -2,8 +2,10 @@
 
 One optimizer step takes ``grad_accum`` micro-batches of ``prompts_per_step`` prompts, each with
 ``num_generations`` sampled responses. The teacher is frozen; the self pass runs under no_grad with the
-privileged context, on the live student or a frozen/EMA copy (``dopd.self_model``). Data order is a function of (seed, micro-step) alone, and the RNG
-state is checkpointed, so ``--resume`` reproduces an uninterrupted run exactly.
+privileged context, on the live student or a frozen/EMA copy (``dopd.self_model``). Data order is a
+function of (seed, micro-step) alone, and the RNG state is checkpointed, so ``--resume`` reproduces an uninterrupted run exactly.
+Everything that can be checked without weights is checked first (``dopd.preflight``); dtypes follow
+``dopd.precision`` (fp32 masters, autocast compute); logit post-processing follows ``passes.logit_transform``.
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ import torch
 
 from dopd.checkpoint import latest_checkpoint, load_state, save_checkpoint, set_rng_state
 from dopd.config import TrainConfig
-from dopd.data import PromptTemplate, Record, load_records
+from dopd.data import PromptTemplate, Record
 from dopd.evaluate import evaluate
 from dopd.metrics import MetricsLogger
-from dopd.modeling import (check_pair, load_causal_lm, load_tokenizer, maybe_apply_liger, resolve_device,
-                           teacher_tokenizer)
-from dopd.passes import build_pass_batch, output_projection, response_hidden
+from dopd.modeling import load_causal_lm, maybe_apply_liger
+from dopd.passes import build_pass_batch, output_projection, response_hidden, verify_logit_transform
+from dopd.precision import Precision
+from dopd.preflight import check_run, route_config  # noqa: F401  (route_config: re-exported)
 from dopd.rollout import generate
 from dopd.self_model import make_self_model
 
@@ -49,49 +52,50 @@ def template_from(config: TrainConfig) -> PromptTemplate:
                           response_prefix=config.response_prefix, use_chat_template=config.use_chat_template)
 
 
-def route_config(config: TrainConfig) -> Any:
-    """The loss's RouteConfig for the preset plus ``config.loss`` overrides (``routes`` replaces the
-    preset's table, e.g. a route ablation with one weight set to 0)."""
-    from dopd_kernels import RouteConfig
-
-    loss = dict(config.loss)
-    routes = loss.pop("routes", None)
-    out = RouteConfig.preset(config.preset, **loss)
-    return out if routes is None else out.replace(routes=routes)
-
-
 def distill_loss(student: Any, teacher: Any, tokenizer: Any, template: PromptTemplate, records: Sequence[Record],
-                 config: TrainConfig, loss_config: Any, self_model: Any = None) -> tuple[Any, dict[str, float]]:
+                 config: TrainConfig, loss_config: Any, self_model: Any = None, *,
+                 precision: Optional[Precision] = None,
+                 transforms: Optional[dict[str, Any]] = None) -> tuple[Any, dict[str, float]]:
     """One micro-batch: sample, run the three passes, return (RoutedLossOutput, rollout stats).
 
-    ``self_model`` runs the privileged self pass (default: the live student).
+    ``self_model`` runs the privileged self pass (default: the live student). ``precision`` sets autocast
+    for the rollouts and passes and the dtype the loss receives (None: no autocast, tensors as the models
+    give them); ``transforms`` are routed_loss's ``student_transform`` / ``teacher_transform`` (the
+    models' logit post-processing).
     """
     from dopd_kernels import routed_loss
 
+    cast = (lambda t: t) if precision is None else precision.loss_input
+    precision = precision or Precision()  # float32: autocast is a no-op
     device = next(student.parameters()).device
     group = [r for r in records for _ in range(config.num_generations)]
     student_ctx = template.encode(tokenizer, group, privileged=False)
     privileged_ctx = template.encode(tokenizer, group, privileged=True)
     t0 = time.perf_counter()
-    roll = generate(student, tokenizer, student_ctx, max_new_tokens=config.max_new_tokens, do_sample=True,
-                    temperature=config.temperature, top_p=config.top_p)
+    with precision.autocast(device):
+        roll = generate(student, tokenizer, student_ctx, max_new_tokens=config.max_new_tokens, do_sample=True,
+                        temperature=config.temperature, top_p=config.top_p)
     t_gen = time.perf_counter() - t0
     pad = tokenizer.pad_token_id
     s_batch = build_pass_batch(student_ctx, roll.tokens, roll.mask, pad).to(device)
     p_batch = build_pass_batch(privileged_ctx, roll.tokens, roll.mask, pad).to(device)
-    s_hidden = response_hidden(student, s_batch)
-    with torch.no_grad():  # self: privileged context, stop-gradient (live student weights by default)
-        self_hidden = response_hidden(self_model if self_model is not None else student, p_batch)
-        teacher_hidden = response_hidden(teacher, p_batch)
+    with precision.autocast(device):
+        s_hidden = response_hidden(student, s_batch)
+        with torch.no_grad():  # self: privileged context, stop-gradient (live student weights by default)
+            self_hidden = response_hidden(self_model if self_model is not None else student, p_batch)
+            teacher_hidden = response_hidden(teacher, p_batch)
+    # The loss gets everything in the compute dtype (a differentiable cast of the student's fp32 masters)
+    # and runs outside autocast: it accumulates in fp32 itself, autocast would redo its GEMMs in bf16.
     s_weight, s_bias = output_projection(student)
     t_weight, t_bias = output_projection(teacher)
     self_proj = {}
     if self_model is not None:
         p_weight, p_bias = output_projection(self_model)
-        self_proj = {"self_weight": p_weight, "self_bias": p_bias}
-    out = routed_loss(s_hidden, s_weight, teacher_hidden, t_weight, self_hidden, roll.tokens.to(device),
-                      roll.mask.to(device), student_bias=s_bias, teacher_bias=t_bias, config=loss_config,
-                      backend=config.loss_backend, **self_proj)
+        self_proj = {"self_weight": cast(p_weight), "self_bias": cast(p_bias)}
+    out = routed_loss(cast(s_hidden), cast(s_weight), cast(teacher_hidden), cast(t_weight), cast(self_hidden),
+                      roll.tokens.to(device), roll.mask.to(device), student_bias=cast(s_bias),
+                      teacher_bias=cast(t_bias), config=loss_config, backend=config.loss_backend, **self_proj,
+                      **(transforms or {}))
     stats = {"response_len": roll.lengths.float().mean().item(), "n_tokens": float(roll.mask.sum()),
              "time/generate": t_gen}
     return out, stats
@@ -107,29 +111,31 @@ class Trainer:
 
     # ----------------------------------------------------------------- setup
     def setup(self) -> None:
-        """Validate data and the model pair (cheap), then load models, optimizer and schedule; resume."""
+        """Check everything that needs no weights (``dopd.preflight``), then load models, optimizer and
+        schedule; resume. Nothing is written to the output directory before the models loaded."""
         cfg = self.config
-        # Cheap checks first: data, loss config, tokenizers and vocab sizes, all before any weights load.
-        self.records = load_records(cfg.data)
-        self.eval_records = load_records(cfg.eval_data, require_privileged=False) if cfg.eval_data else []
-        self.loss_config = route_config(cfg)
+        plan = check_run(cfg)  # data, loss options, device, model configs, logit transforms, tokenizers
+        self.records, self.eval_records, self.tokenizer = plan.records, plan.eval_records, plan.tokenizer
+        self.loss_config, self.device, self.precision = plan.loss_config, plan.device, plan.precision
+        self.transforms = plan.transforms
         self.resume_from = latest_checkpoint(cfg.output_dir) if cfg.resume else None
         if cfg.resume and self.resume_from is None:
             self.log(f"--resume: no checkpoint in {cfg.output_dir}; starting from step 0")
         student_path = self.resume_from or cfg.student
-        self.tokenizer = load_tokenizer(cfg.tokenizer or cfg.student)
-        check_pair(cfg.student, cfg.teacher, self.tokenizer, teacher_tokenizer(cfg.teacher))
-        # Models.
+        # Models: the student in fp32 (the masters), frozen models in the compute dtype (dopd.precision).
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
-        self.device = resolve_device(cfg.device)
-        self.student = load_causal_lm(student_path, cfg.dtype, self.device, trainable=True)
-        self.teacher = load_causal_lm(cfg.teacher, cfg.dtype, self.device, trainable=False)
-        # A frozen self is the *initial* student (cfg.student, also after --resume), never trained;
-        # an EMA self starts as the student and follows it after every optimizer step.
+        prec = self.precision
+        self.student = load_causal_lm(student_path, prec.param_dtype, self.device, trainable=True)
+        self.teacher = load_causal_lm(cfg.teacher, prec.frozen_dtype, self.device, trainable=False)
+        # A frozen self is the *initial* student (cfg.student, also after --resume), never trained; an
+        # EMA self starts as the student (in the masters' dtype) and follows it after every optimizer step.
         self.self_model, self.self_ema = make_self_model(
             cfg.self_model, cfg.self_ema_decay, self.student,
-            lambda: load_causal_lm(cfg.student, cfg.dtype, self.device, trainable=False))
+            lambda: load_causal_lm(cfg.student, prec.frozen_dtype, self.device, trainable=False))
+        # The configs promised these logits; check on a few tokens that the loaded classes agree.
+        verify_logit_transform(self.student, self.transforms["student_transform"], f"--student {cfg.student}")
+        verify_logit_transform(self.teacher, self.transforms["teacher_transform"], f"--teacher {cfg.teacher}")
         for m in (self.student, self.teacher):
             if maybe_apply_liger(m, self.device, cfg.use_liger):
                 self.log(f"Liger-Kernel patches applied to {type(m).__name__}")
@@ -139,11 +145,14 @@ class Trainer:
                                            betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
         self.scheduler = get_cosine_schedule_with_warmup(
             self.optimizer, num_warmup_steps=int(cfg.warmup_ratio * cfg.max_steps), num_training_steps=cfg.max_steps)
+        self.scaler = prec.grad_scaler(self.device)
         self.step = 0
         if self.resume_from:
             state = load_state(self.resume_from)
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
+            if state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
             self.step = int(state["step"])
             if self.self_ema is not None:
                 self.self_ema.load_state_dict(state["self_ema"])
@@ -163,8 +172,10 @@ class Trainer:
         recs = self.eval_records[: self.config.eval_limit or None]
         # Evaluation must not move the training RNG, or eval_every would change the training run.
         rng = torch.get_rng_state()
-        result = evaluate(self.student, self.tokenizer, self.template, recs, max_new_tokens=self.config.max_new_tokens,
-                          batch_size=self.config.eval_batch_size, marker=self.config.answer_marker)
+        with self.precision.autocast(self.device):
+            result = evaluate(self.student, self.tokenizer, self.template, recs,
+                              max_new_tokens=self.config.max_new_tokens, batch_size=self.config.eval_batch_size,
+                              marker=self.config.answer_marker)
         torch.set_rng_state(rng)
         return result
 
@@ -174,6 +185,11 @@ class Trainer:
             self.log(f"step {self.step}: eval accuracy {result['accuracy']:.3f} on {result['n']} prompts")
 
     # ----------------------------------------------------------------- training
+    def micro_batch(self, records: Sequence[Record]) -> tuple[Any, dict[str, float]]:
+        """The loss of one micro-batch of ``records`` with this run's models, precision and logit transforms."""
+        return distill_loss(self.student, self.teacher, self.tokenizer, self.template, records, self.config,
+                            self.loss_config, self.self_model, precision=self.precision, transforms=self.transforms)
+
     def train_step(self) -> dict[str, float]:
         """One optimizer step over ``grad_accum`` micro-batches; returns its metrics."""
         cfg = self.config
@@ -182,9 +198,8 @@ class Trainer:
         rows: list[dict[str, float]] = []
         for k in range(cfg.grad_accum):
             idx = batch_indices(self.step * cfg.grad_accum + k, len(self.records), cfg.prompts_per_step, cfg.seed)
-            out, stats = distill_loss(self.student, self.teacher, self.tokenizer, self.template,
-                                      [self.records[i] for i in idx], cfg, self.loss_config, self.self_model)
-            (out.loss / cfg.grad_accum).backward()
+            out, stats = self.micro_batch([self.records[i] for i in idx])
+            self.scaler.scale(out.loss / cfg.grad_accum).backward()  # fp16: scaled; otherwise unchanged
             # Read everything from `out` now: its lazy student log-prob must see the pre-step weights.
             m = out.metrics(include_logprob=True)
             m["student_entropy"] = -m.pop("student_logprob_mean")  # sampled-token estimate of the entropy
@@ -192,9 +207,11 @@ class Trainer:
         bad = [r["loss"] for r in rows if not math.isfinite(r["loss"])]
         if bad:  # before the step: the weights stay as they were
             raise FloatingPointError(f"non-finite loss at step {self.step + 1}: {bad[0]}")
+        self.scaler.unscale_(self.optimizer)  # clip the true gradients (a no-op without fp16)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.max_grad_norm or float("inf"))
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)  # fp16: skipped when the scaled gradients overflowed
+        self.scaler.update()
         self.scheduler.step()
         if self.self_ema is not None:
             self.self_ema.update(self.student)
@@ -210,7 +227,7 @@ class Trainer:
         """Checkpoint the current step."""
         return save_checkpoint(self.config.output_dir, self.step, self.student, self.tokenizer, self.optimizer,
                                self.scheduler, keep=self.config.keep_checkpoints,
-                               extra={"config": self.config.to_dict(),
+                               extra={"config": self.config.to_dict(), "scaler": self.scaler.state_dict(),
                                       **({"self_ema": self.self_ema.state_dict()} if self.self_ema is not None else {})})
 
     def train(self) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 
@@ -10,6 +10,7 @@ from .chunked import chunked_routed_loss
 from .config import RouteConfig
 from .output import RoutedLossOutput
 from .reference import reference_from_logits, reference_routed_loss
+from .selfcheck import CallShape, triton_agrees
 from .transform import LogitTransform, as_transform
 from .validation import as_config, validate_hidden_inputs, validate_logit_inputs
 
@@ -25,11 +26,14 @@ def _triton_available() -> bool:
     return True
 
 
-def _resolve_backend(backend: str, device: torch.device) -> str:
+def _resolve_backend(backend: str, device: torch.device, config: Optional[RouteConfig] = None,
+                     dtype: torch.dtype = torch.float32, call: CallShape = CallShape()) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if device.type == "cuda" and _triton_available() else "torch"
+        use = device.type == "cuda" and _triton_available()
+        # Until the kernels have run on a GPU: a one-time comparison with the PyTorch path (selfcheck.py).
+        return "triton" if use and triton_agrees(device, config or RouteConfig(), dtype, call) else "torch"
     if backend == "triton" and not _triton_available():
         raise ValueError("backend='triton' needs the 'kernels' extra: pip install 'dopd[kernels]'")
     return backend
@@ -54,6 +58,8 @@ def routed_loss(
     student_transform: Optional[LogitTransform] = None,
     teacher_transform: Optional[LogitTransform] = None,
     self_transform: Optional[LogitTransform] = None,
+    vocab_group: Optional[Any] = None,
+    reduce_hidden_grad: bool = True,
 ) -> RoutedLossOutput:
     """The DOPD routed distillation loss from hidden states and output projections.
 
@@ -70,11 +76,26 @@ def routed_loss(
             (a frozen base or an EMA copy); default: the student's, detached. The self pass is stop-gradient.
         hard_labels: like target_ids, for the optional CE term (``config.ce_weight > 0``).
         config: a RouteConfig, a preset name ("dopd", "gkd", ...) or None (DOPD defaults).
-        backend: "auto" (Triton on CUDA when installed, else torch), "torch", "reference", "triton".
+        backend: "auto" (Triton on CUDA when installed and its one-time self-check passes, see
+            ``selfcheck.py``; else torch), "torch", "reference", "triton".
         student_transform, teacher_transform, self_transform: the models' logit post-processing
             (``LogitTransform(scale, softcap)``: multiplier, then final soft-cap), applied right after the
             projection and before ``config.temperature``. None is the identity; ``self_transform``
             defaults to ``student_transform`` (the self pass is the student's model).
+        vocab_group: a ``torch.distributed`` process group (tensor parallel) over which the output projections
+            are split by vocabulary rows: each rank passes its contiguous shard of rows of ``student_weight``,
+            ``teacher_weight``, ``self_weight`` and the biases (the shards, concatenated in the group's rank
+            order, are the whole vocabulary; sizes may differ between ranks) and the same (replicated) hidden
+            states, ``target_ids`` (global ids), ``mask`` and ``hard_labels``. Cut the teacher's padding rows
+            beyond the student's vocabulary before sharding: a rank's teacher and student shards must have the
+            same rows. Every rank gets what one process would on the concatenated weights (loss, per-token
+            fields, metrics); the weight/bias gradients are the shard's rows of the full gradient. Collective:
+            call it on every rank of the group; reading ``student_logprob`` may be one too (read it on every
+            rank). Independent of ``config.stats_group`` (data parallel); they combine.
+        reduce_hidden_grad: with ``vocab_group``, True (default): the gradient of ``student_hidden`` is the full
+            gradient on every rank (the op sums the shards' parts over the group). False: each rank gets its
+            own shard's part, for callers whose tensor-parallel region all-reduces the input gradient itself
+            (Megatron's ``copy_to_tensor_model_parallel_region``), so that nothing is counted twice.
 
     Returns:
         RoutedLossOutput: ``loss`` (differentiable w.r.t. student_hidden, student_weight, student_bias)
@@ -82,10 +103,16 @@ def routed_loss(
         ``student_logprob``; ``metrics()`` for logging.
     """
     config = as_config(config)
-    valid = validate_hidden_inputs(
-        student_hidden, student_weight, teacher_hidden, teacher_weight, self_hidden, target_ids, mask,
-        student_bias, teacher_bias, self_weight, self_bias, hard_labels, config,
-    )
+    if not isinstance(reduce_hidden_grad, bool):
+        raise ValueError(f"reduce_hidden_grad must be a bool, got {reduce_hidden_grad!r}")
+    inputs = (student_hidden, student_weight, teacher_hidden, teacher_weight, self_hidden, target_ids, mask,
+              student_bias, teacher_bias, self_weight, self_bias, hard_labels, config)
+    if vocab_group is None:
+        valid = validate_hidden_inputs(*inputs)
+    else:
+        from .vocab_parallel import validate_sharded
+
+        valid, layout = validate_sharded(*inputs, vocab_group)
     s_tf = as_transform("student_transform", student_transform)
     kwargs = dict(
         student_bias=student_bias, teacher_bias=teacher_bias, self_weight=self_weight, self_bias=self_bias,
@@ -94,7 +121,18 @@ def routed_loss(
         self_transform=s_tf if self_transform is None else as_transform("self_transform", self_transform),
     )
     args = (student_hidden, student_weight, teacher_hidden, teacher_weight, self_hidden, target_ids, valid)
-    chosen = _resolve_backend(backend, student_hidden.device)
+    chosen = _resolve_backend(backend, student_hidden.device, config, student_hidden.dtype,
+                              CallShape.of(student_hidden, student_weight, student_bias, teacher_bias,
+                                           (s_tf, kwargs["teacher_transform"], kwargs["self_transform"])))
+    if vocab_group is not None:
+        # (Both compute backends run the same collectives, so ranks whose "auto" self-checks disagreed
+        # would still stay in step.)
+        from .vocab_parallel import sharded_reference, vocab_parallel_routed_loss
+
+        if chosen == "reference":
+            return sharded_reference(*args, layout=layout, reduce_hidden_grad=reduce_hidden_grad, **kwargs)
+        return vocab_parallel_routed_loss(*args, layout=layout, backend=chosen, reduce_hidden_grad=reduce_hidden_grad,
+                                          **kwargs)
     if chosen == "reference":
         return reference_routed_loss(*args, **kwargs)
     if chosen == "triton":
@@ -137,18 +175,24 @@ class RoutedDistillationLoss(torch.nn.Module):
     >>> out.loss.backward()
     """
 
-    def __init__(self, config: Union[RouteConfig, str, None] = None, backend: str = "auto") -> None:
+    def __init__(self, config: Union[RouteConfig, str, None] = None, backend: str = "auto",
+                 vocab_group: Optional[Any] = None, reduce_hidden_grad: bool = True) -> None:
         super().__init__()
         self.config = as_config(config)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.backend = backend
+        self.vocab_group = vocab_group  # see routed_loss: the weights passed to forward are vocabulary shards
+        self.reduce_hidden_grad = reduce_hidden_grad
 
     def forward(self, student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor, teacher_weight: Tensor,
                 self_hidden: Tensor, target_ids: Tensor, mask: Optional[Tensor] = None, **kwargs) -> RoutedLossOutput:
-        """See ``routed_loss``; keyword arguments (biases, self_weight, hard_labels) pass through."""
+        """See ``routed_loss``; keyword arguments (biases, self_weight, hard_labels, transforms) pass through."""
+        kwargs.setdefault("vocab_group", self.vocab_group)
+        kwargs.setdefault("reduce_hidden_grad", self.reduce_hidden_grad)
         return routed_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, self_hidden, target_ids,
                            mask, config=self.config, backend=self.backend, **kwargs)
 
     def extra_repr(self) -> str:
-        return f"backend={self.backend!r}, config={self.config!r}"
+        group = "" if self.vocab_group is None else ", vocab_group=<process group>"
+        return f"backend={self.backend!r}, config={self.config!r}{group}"

@@ -4,6 +4,9 @@ Pipeline (dopd-method.md, "Cost model"):
 1. keep the valid tokens only (padding costs nothing);
 2. statistics pass over the self and teacher projections (``chunked_stats``): log-sum-exp, target
    logit, top-K where a top-K route reads that source -- 2 GEMMs over all tokens;
+   each model's ``LogitTransform`` rides with its projection and is applied wherever its chunk logits
+   are formed (``LogitTransform.apply_``) and chained wherever a logit gradient is folded
+   (``LogitTransform.chain_grad_``);
 3. routing (``routing.route_tokens``) on those per-token values;
 4. loss/gradient pass (``chunked_losses``): full-vocabulary work only for rows on full/sampled
    routes (plus every row when a CE term is on), K gathered projection rows for top-K routes.
@@ -13,6 +16,7 @@ autograd through ``attach.attach_grads``, whose backward only scales them by gra
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional
 
 import torch
@@ -55,9 +59,6 @@ def chunked_routed_loss(
     Shapes: hidden (*, H), target_ids / valid (*), student_weight (V, Hs), teacher_weight (Vt, Ht).
     Memory: O(chunk_size x V + N x K + V x Hs) beyond the inputs.
     """
-    if not (student_transform.is_identity and teacher_transform.is_identity and self_transform.is_identity):
-        raise NotImplementedError("chunked_routed_loss: logit transforms (scale/softcap) are not implemented on this backend "
-                                  "yet; use backend='reference'")
     shape = target_ids.shape
     vocab, hs = student_weight.shape
     cdtype = torch.float64 if torch.float64 in (student_hidden.dtype, student_weight.dtype) else torch.float32
@@ -79,15 +80,17 @@ def chunked_routed_loss(
     hard = None if hard_labels is None else compress(hard_labels.reshape(-1))
     red_w = compress(reduction_weights(valid.reshape(shape), config.reduction, cdtype).reshape(-1))
 
-    def projection(weight: Tensor, bias: Optional[Tensor]) -> Projection:
-        return Projection(
-            weight.detach()[:vocab].to(cdtype),
-            None if bias is None else bias.detach()[:vocab].to(cdtype),
-        )
+    def projection(weight: Tensor, bias: Optional[Tensor], transform: LogitTransform) -> Projection:
+        # The weight stays as stored: a bf16 head is converted per vocabulary block inside the GEMMs
+        # (chunked_stats.vocab_blocks), never copied whole to fp32 (that would be V x H extra per model).
+        return Projection(weight.detach()[:vocab], None if bias is None else bias.detach()[:vocab].to(cdtype),
+                          transform, cdtype)
 
-    student = projection(student_weight, student_bias)
-    self_proj = student if self_weight is None else projection(self_weight, self_bias)
-    teacher = projection(teacher_weight, teacher_bias)
+    student = projection(student_weight, student_bias, student_transform)
+    # The self pass shares the student's weights but may have its own transform (no copy either way).
+    self_proj = (replace(student, transform=self_transform) if self_weight is None
+                 else projection(self_weight, self_bias, self_transform))
+    teacher = projection(teacher_weight, teacher_bias, teacher_transform)
     topk_sources = config.topk_sources()
     # The statistics pass holds one C x V buffer where the loss pass holds ~5: same peak at 4x the
     # tokens, and larger GEMMs run closer to the BLAS peak.
@@ -97,9 +100,11 @@ def chunked_routed_loss(
     with torch.no_grad():
         stats = {
             "self": linear_stats(h_p, self_proj.weight, self_proj.bias, y, inv_tau=inv_tau,
-                                 top_k=k if "self" in topk_sources else 0, chunk_size=stats_chunk),
+                                 top_k=k if "self" in topk_sources else 0, chunk_size=stats_chunk,
+                                 transform=self_proj.transform, dtype=cdtype),
             "teacher": linear_stats(h_t, teacher.weight, teacher.bias, y, inv_tau=inv_tau,
-                                    top_k=k if "teacher" in topk_sources else 0, chunk_size=stats_chunk),
+                                    top_k=k if "teacher" in topk_sources else 0, chunk_size=stats_chunk,
+                                    transform=teacher.transform, dtype=cdtype),
         }
         source_logprob = {name: s.target_logprob for name, s in stats.items()}
         routing = route_tokens(source_logprob["self"], source_logprob["teacher"],
@@ -148,9 +153,7 @@ def chunked_routed_loss(
         d_hidden = d_hidden.reshape(student_hidden.shape)
     loss = attach_grads(
         loss_value.to(student_hidden.dtype if student_hidden.dtype == torch.float64 else torch.float32),
-        None if d_hidden is None else d_hidden.to(student_hidden.dtype),
-        None if grads.weight is None else grads.weight.to(student_weight.dtype),
-        None if grads.bias is None else grads.bias.to(student_bias.dtype),
+        d_hidden, grads.weight, grads.bias,  # converted by attach_grads (fp16: after the scaling by grad_output)
         student_hidden, student_weight, student_bias,
     )
 
@@ -161,7 +164,8 @@ def chunked_routed_loss(
         with torch.no_grad():
             todo = missing.nonzero().squeeze(1)
             fresh = linear_stats(h_s.index_select(0, todo), student.weight, student.bias, y.index_select(0, todo),
-                                 inv_tau=inv_tau, top_k=0, chunk_size=stats_chunk)
+                                 inv_tau=inv_tau, top_k=0, chunk_size=stats_chunk, transform=student.transform,
+                                 dtype=cdtype)
             student_logprob.index_copy_(0, todo, fresh.target_logprob)
             return scatter(student_logprob, cdtype)
 

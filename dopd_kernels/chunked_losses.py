@@ -3,8 +3,9 @@
 Two kinds of rows, after routing:
 - "student-full" rows (full or sampled support, or every row when a CE term is on): the student's
   C x V logits are recomputed per chunk (and the source's, for full support); the gradient with respect
-  to the logits comes from the closed forms of ``divergences.divergence_and_grad`` and is folded into
-  d hidden (C x V @ V x H) and d weight (V x C @ C x H) immediately.
+  to the logits comes from the closed forms of ``divergences.divergence_and_grad``, goes back through
+  the student's ``LogitTransform`` and is folded into d hidden (C x V @ V x H) and d weight
+  (V x C @ C x H) immediately.
 - top-K rows: only the K output-projection rows picked by the source's top-K are gathered
   (C x K x H), so these tokens cost O(K H) instead of O(V H).
 Gradients are accumulated into caller-provided buffers scaled by the per-token reduction weights,
@@ -20,17 +21,26 @@ import torch
 
 from .config import RouteConfig
 from .divergences import divergence_and_grad
-from .chunked_stats import LinearStats, scaled_logits
+from .chunked_stats import LinearStats, logits_grad_to_hidden, scaled_logits
+from .transform import IDENTITY, LogitTransform
 
 Tensor = torch.Tensor
 
 
 @dataclass
 class Projection:
-    """One model's output projection in the compute dtype: weight (V, H), bias (V,) or None."""
+    """One model's output projection: weight (V, H) as stored (bf16 stays bf16: the GEMMs convert it per
+    vocabulary block), bias (V,) or None in the compute ``dtype`` (default: the weight's), and the
+    post-processing of its logits (applied wherever this projection's logits are formed)."""
 
     weight: Tensor
     bias: Optional[Tensor]
+    transform: LogitTransform = IDENTITY
+    dtype: Optional[torch.dtype] = None
+
+    def __post_init__(self) -> None:
+        if self.dtype is None:
+            self.dtype = self.weight.dtype
 
 
 @dataclass
@@ -86,8 +96,11 @@ def student_full_rows(
     inv_tau = 1.0 / config.temperature
     rids = [rid for rid, spec in enumerate(config.routes) if spec.support in ("full", "sampled")]
     for chunk in rows.split(config.chunk_size):
-        h = student_hidden.index_select(0, chunk).to(student.weight.dtype)
-        logp = scaled_logits(h, student.weight, student.bias, inv_tau).log_softmax(-1)
+        h = student_hidden.index_select(0, chunk).to(student.dtype)
+        z = scaled_logits(h, student.weight, student.bias, inv_tau, student.transform, student.dtype)
+        logp = z.log_softmax(-1)
+        # Kept (one more C x V buffer) only when the transform's derivative reads it: a soft-cap.
+        z = z if student.transform.grad_needs_logits else None
         y = targets.index_select(0, chunk)[:, None]
         student_logprob.index_copy_(0, chunk, logp.gather(1, y).squeeze(1))
         loss = torch.zeros(chunk.numel(), dtype=logp.dtype, device=logp.device)
@@ -98,8 +111,8 @@ def student_full_rows(
             logp_g = _take(logp, pos)
             if spec.support == "full":
                 src_hidden, src = sources[spec.source]
-                h_src = src_hidden.index_select(0, rows_g).to(src.weight.dtype)
-                logp_src = scaled_logits(h_src, src.weight, src.bias, inv_tau).log_softmax(-1)
+                h_src = src_hidden.index_select(0, rows_g).to(src.dtype)
+                logp_src = scaled_logits(h_src, src.weight, src.bias, inv_tau, src.transform, src.dtype).log_softmax(-1)
                 value, g = divergence_and_grad(logp_g, logp_src, spec.divergence, config.jsd_beta)
             else:  # sampled: (l_S - l_src).detach() * l_S, gradient c * (onehot - s)
                 y_g = _take(y, pos)
@@ -117,39 +130,43 @@ def student_full_rows(
                 dz.add_(logp.exp().scatter_add_(1, yh, -torch.ones_like(yh, dtype=logp.dtype)), alpha=config.ce_weight)
         per_token.index_add_(0, chunk, loss)
         if dz is not None:
-            dz.mul_((red_w.index_select(0, chunk) * inv_tau)[:, None])
+            student.transform.chain_grad_(dz, z, inv_tau, red_w.index_select(0, chunk))
             _fold_full_grad(dz, h, chunk, student, grads)
 
 
 def _fold_full_grad(dz: Tensor, h: Tensor, chunk: Tensor, student: Projection, grads: GradBuffers) -> None:
-    """d hidden[chunk] += dz @ W;  d W += dz^T @ h;  d b += sum(dz). dz: (C, V) scaled logit gradient."""
+    """d hidden[chunk] += dz @ W;  d W += dz^T @ h;  d b += sum(dz). dz: (C, V) raw logit gradient."""
     if grads.hidden is not None:
-        grads.hidden.index_add_(0, chunk, dz @ student.weight)
+        grads.hidden.index_add_(0, chunk, logits_grad_to_hidden(dz, student.weight))
     if grads.weight is not None:
         grads.weight.addmm_(dz.T, h)
     if grads.bias is not None:
         grads.bias.add_(dz.sum(0))
 
 
-def gathered_logprobs(h: Tensor, idx: Tensor, weight: Tensor, bias: Optional[Tensor],
-                      inv_tau: float) -> tuple[Tensor, Tensor]:
-    """The student's log-probs renormalized over K ids per row, and the gathered projection rows.
+def gathered_logprobs(h: Tensor, idx: Tensor, student: Projection,
+                      inv_tau: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The student's log-probs renormalized over K ids per row, the gathered projection rows, and the
+    gathered logits ``transform(z) * inv_tau`` (for the transform's gradient).
 
-    h (C, H), idx (C, K) -> logp (C, K) and w_rows (C, K, H), both in h's dtype.
+    h (C, H), idx (C, K) -> logp (C, K), w_rows (C, K, H), logits (C, K), all in h's dtype.
     """
     # embedding's gather is faster than advanced indexing on CPU
-    w_rows = torch.nn.functional.embedding(idx, weight).to(h.dtype)
+    w_rows = torch.nn.functional.embedding(idx, student.weight).to(h.dtype)
     z = torch.bmm(w_rows, h[:, :, None]).squeeze(2)
-    if bias is not None:
-        z = z + bias.index_select(0, idx.reshape(-1)).view_as(z).to(h.dtype)
-    return (z * inv_tau).log_softmax(-1), w_rows
+    b_rows = None
+    if student.bias is not None:
+        b_rows = student.bias.index_select(0, idx.reshape(-1)).view_as(z).to(h.dtype)
+        z = z + b_rows
+    z = student.transform.apply_(z, inv_tau, b_rows)
+    return z.log_softmax(-1), w_rows, z
 
 
 def fold_topk_grad(dz: Tensor, h: Tensor, w_rows: Tensor, idx: Tensor, weight_grad: Optional[Tensor],
                    bias_grad: Optional[Tensor]) -> Tensor:
     """Fold a (C, K) logit gradient into d weight / d bias (in place) and return d hidden (C, H).
 
-    dz must already carry the route weights, reduction weights and 1/tau.
+    dz must already carry the route weights, reduction weights, 1/tau and the transform's derivative.
     """
     flat_idx = idx.reshape(-1)
     if weight_grad is not None:
@@ -174,8 +191,9 @@ def topk_rows(
 ) -> None:
     """Losses and gradients of the rows on top-K routes of one source (rows sorted by route).
 
-    The source's top-K (indices and scaled logits) come from the statistics pass; the student's
-    logits at those K ids are ``h . W[idx] (+ b[idx])``: a gather of K rows of W per token.
+    The source's top-K (indices and transformed, scaled logits) come from the statistics pass; the
+    student's logits at those K ids are ``transform(h . W[idx] (+ b[idx]))``: a gather of K rows of W
+    per token.
     """
     inv_tau = 1.0 / config.temperature
     k = stats.topk_idx.shape[1]
@@ -184,9 +202,9 @@ def topk_rows(
     chunk_rows = max(1, (config.chunk_size * student.weight.shape[0]) // max(1, k * hs))
     rids = [rid for rid, spec in enumerate(config.routes) if spec.support == "topk" and spec.source == source]
     for chunk in rows.split(chunk_rows):
-        h = student_hidden.index_select(0, chunk).to(student.weight.dtype)
+        h = student_hidden.index_select(0, chunk).to(student.dtype)
         idx = stats.topk_idx.index_select(0, chunk)
-        logp, w_rows = gathered_logprobs(h, idx, student.weight, student.bias, inv_tau)
+        logp, w_rows, z = gathered_logprobs(h, idx, student, inv_tau)
         logp_src = stats.topk_vals.index_select(0, chunk).log_softmax(-1)
         loss = torch.zeros(chunk.numel(), dtype=logp.dtype, device=logp.device)
         dz = torch.zeros_like(logp) if grads.any else None
@@ -199,7 +217,7 @@ def topk_rows(
         per_token.index_add_(0, chunk, loss)
         if dz is None:
             continue
-        dz.mul_((red_w.index_select(0, chunk) * inv_tau)[:, None])
+        student.transform.chain_grad_(dz, z, inv_tau, red_w.index_select(0, chunk))
         d_hidden = fold_topk_grad(dz, h, w_rows, idx, grads.weight, grads.bias)
         if grads.hidden is not None:
             grads.hidden.index_add_(0, chunk, d_hidden)

@@ -15,6 +15,7 @@ from .config import RouteConfig
 from .divergences import divergence, sampled_pg
 from .output import RoutedLossOutput
 from .routing import route_tokens
+from .topk import topk_lower_id
 from .transform import IDENTITY, LogitTransform
 
 Tensor = torch.Tensor
@@ -98,7 +99,7 @@ def reference_from_logits(
         if spec.support == "full":
             d = divergence(logp_s, logp_src, spec.divergence, config.jsd_beta)
         elif spec.support == "topk":
-            idx = z_src.topk(k, dim=-1).indices  # the SOURCE's top-K
+            idx = topk_lower_id(z_src, k)[1]  # the SOURCE's top-K; ties (saturated soft-caps) to the lower id
             d = divergence(
                 z_s.gather(-1, idx).log_softmax(-1),
                 z_src.gather(-1, idx).log_softmax(-1),

@@ -55,6 +55,9 @@ F64 = torch.float64
         (dict(student_hidden=[[0.0]]), "student_hidden"),
         (dict(student_bias=torch.full((11,), float("nan"), dtype=F64)), "student_bias"),
         (dict(teacher_bias=torch.full((13,), float("inf"), dtype=F64)), "teacher_bias"),
+        (dict(student_transform=30.0), "student_transform"),  # a bare cap, not a LogitTransform
+        (dict(teacher_transform={"softcap": 30.0}), "teacher_transform"),
+        (dict(self_transform=(1.0, 30.0)), "self_transform"),
     ],
 )
 def test_bad_argument_is_named(changes, name):

@@ -120,3 +120,14 @@ def test_dopd_with_two_pass_statistics(monkeypatch):
     monkeypatch.setattr(stats, "matmul_into", counted)
     check(RouteConfig.preset("dopd"), shape=(4, 10))
     assert 32 in calls and 8 in calls  # both passes (self, teacher) ran as chunks of 32 + 8 rows
+
+
+@pytest.mark.parametrize("config", [
+    RouteConfig.preset("vanilla_opd_sampled", ce_weight=0.2),
+    RouteConfig.preset("opsd", ce_weight=0.1),  # top-K routes only: the rows kernel serves the CE term alone
+    RouteConfig(routes=(("self", "rkl", "sampled", 0.8),) * 4, ce_weight=0.3),
+], ids=["vanilla_opd_sampled+ce", "opsd+ce", "self_sampled+ce"])
+def test_tables_without_a_full_support_source_with_ce(config):
+    """The rows-kernel variants with neither a teacher nor a self source buffer (they once failed to compile
+    for the GPU: tests/test_triton_compile.py compiles them), here run under the interpreter with CE."""
+    check(config, hard=True)

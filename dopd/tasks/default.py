@@ -12,6 +12,16 @@ from dopd.config import TrainConfig, apply_overrides
 from dopd.tasks.registry import get_task, task_defaults
 
 
+def _chain_specs() -> dict[str, dict[str, Any]]:
+    from dopd.tasks.chain import TASK as CHAIN
+
+    return {name: {"teacher": size.teacher, "student": size.student} for name, size in CHAIN.sizes.items()}
+
+
+#: The chain task's model sizes by task size (``SPECS["tiny"]["teacher"]``), as before the registry.
+SPECS = _chain_specs()
+
+
 def default_task_config(task: str | None = None, size: str = "full") -> TrainConfig:
     """TrainConfig with the defaults of built-in task ``task`` (None: the default task)."""
     return apply_overrides(TrainConfig(task=task), task_defaults(task, size))

@@ -11,6 +11,10 @@ try:
 except Exception as exc:  # pragma: no cover - depends on the environment
     raise ImportError(f"dopd_kernels.triton needs the 'triton' package: {exc}") from exc
 
-from .function import triton_routed_loss
+from . import interpreter_compat
+
+interpreter_compat.apply()  # Triton < 3.9 under the interpreter with NumPy >= 2.4 (see the module)
+
+from .function import triton_routed_loss  # noqa: E402
 
 __all__ = ["triton_routed_loss"]

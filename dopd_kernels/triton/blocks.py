@@ -20,7 +20,10 @@ class Blocks:
     """Tiles: stats (token x vocab x hidden), statistics pass "fused" | "two_pass" and the two-pass chunk
     (rows), stats token block with top-K, keys per top-K compaction pass
     (token block x list chunk),
-    matmul (m x n x k), row sweeps (vocab), top-K gather/scatter tiles (ids x hidden), warps."""
+    matmul (m x n x k), row sweeps (vocab), top-K gather/scatter tiles (ids x hidden), warps; and ``gpu``:
+    the launches are compiled for a GPU (tensor-core operand dtypes, vocabulary splits that fill the SMs),
+    not interpreted. The launcher reads device decisions from here only, so that a test can record the
+    GPU launch set with CPU tensors (tests/test_triton_compile.py)."""
 
     stats_n: int
     stats_v: int
@@ -37,6 +40,7 @@ class Blocks:
     gather_h: int
     num_warps: int
     num_stages: int
+    gpu: bool
 
 
 #: H100/H200-class tiles (bf16 tl.dot, fp32 accumulators); not autotuned yet (no GPU in the build sessions).
@@ -49,11 +53,11 @@ class Blocks:
 #: stats_impl: "fused" (the issue's design) until a GPU measures "two_pass" (cost model: function.py).
 GPU_BLOCKS = Blocks(stats_n=128, stats_v=128, stats_h=64, stats_impl="fused", stats_chunk=512, topk_n=64,
                     topk_chunk_keys=4096, mm_m=128, mm_n=128, mm_k=64, row_v=2048, gather_k=32, gather_h=256,
-                    num_warps=8, num_stages=3)
+                    num_warps=8, num_stages=3, gpu=True)
 #: Interpreter tiles: the smallest legal tl.dot tiles, so ragged test shapes hit every mask.
 INTERPRETER_BLOCKS = Blocks(stats_n=16, stats_v=16, stats_h=16, stats_impl="fused", stats_chunk=32, topk_n=16,
                             topk_chunk_keys=1024, mm_m=16, mm_n=16, mm_k=16, row_v=16, gather_k=16, gather_h=16,
-                            num_warps=4, num_stages=1)
+                            num_warps=4, num_stages=1, gpu=False)
 
 
 def blocks_for(device: torch.device) -> Blocks:
@@ -66,17 +70,17 @@ def next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
 
-def dot_dtype(*tensors: torch.Tensor) -> torch.dtype:
+def dot_dtype(*tensors: torch.Tensor, gpu: bool) -> torch.dtype:
     """Operand dtype of tl.dot: bf16/fp16 when every tensor is that half type, else fp32 (IEEE).
 
-    Under the interpreter (CPU tensors) always fp32: its numpy ``tl.dot`` mishandles bf16 operands, and
-    upcasting bf16/fp16 to fp32 is exact, so the products match the tensor-core ones up to summation order.
+    Under the interpreter (``gpu`` False) bf16 becomes fp32: its numpy ``tl.dot`` mishandles bf16 operands, and
+    upcasting bf16 to fp32 is exact, so the products match the tensor-core ones up to summation order. fp16
+    stays fp16 there (numpy multiplies fp16 operands exactly into its fp32 result, as the tensor cores do),
+    so the interpreter tests see the fp16 rounding of operands that are converted in the kernel.
     """
     dtypes = {t.dtype for t in tensors}
-    if tensors and tensors[0].device.type != "cuda":
-        return torch.float32
     if dtypes == {torch.bfloat16}:
-        return torch.bfloat16
+        return torch.bfloat16 if gpu else torch.float32
     if dtypes == {torch.float16}:
         return torch.float16
     return torch.float32

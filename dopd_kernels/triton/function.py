@@ -10,10 +10,40 @@ Stages (all on the device, no host sync, so the loss can be captured in a CUDA g
 3. ``full_support.py``  rows needing the student's full softmax (HT for DOPD; all rows for vanilla OPD,
    GKD, SDPO; plus every row when ce_weight > 0), sorted to the front; per chunk of C rows: z_s, z_src
    GEMMs into a C x V fp32 scratch, a row kernel (student lse, value, dz in place), dh and dW GEMMs with
-   fp32 accumulation: the floor's 4 GEMMs over HT + ~40 bytes x V per row of scratch traffic.
+   fp32 accumulation: the floor's 4 GEMMs over HT + ~40 bytes x V per row of scratch traffic. All N / C
+   chunks launch (the live count is on the device), but a chunk past the count returns at once: the fp32
+   d W is read and written by the HT / C live chunks only. dz enters the dh / dW GEMMs as bf16 for bf16
+   models and, for fp16 models, as fp16 after a per-chunk power-of-two scale (its max |dz| recorded by the
+   row kernel): dz carries the ~1/N reduction weight and would flush to zero in plain fp16.
 4. ``topk.py``  top-K routes: a gather kernel for the student's K logits, the renormalized divergence
    and its gradient in torch on (N, K), a scatter kernel into d h / d W / d b.
-Gradients are finished in the forward and attached by ``_AttachGrads`` (backward = scale by grad_output).
+Gradients are finished in the forward and attached by ``attach.attach_grads`` (backward = scale by
+grad_output; fp16 gradients are held in fp32 until then, so AMP's loss scale reaches them before the
+conversion). Launches run under the tensors' CUDA device (``device_guard``). Offsets that a stride
+multiplies are int64 in every kernel (V x H and C x V pass 2^31 at real sizes).
+CUDA graphs: run one call (forward and backward) before capturing: it compiles the kernels, copies the
+route tables to the device (``tables.py``; tables read during a capture are never evicted) and runs
+backend="auto"'s one-time self-check (``selfcheck.py``); use ``check_values=False`` inside the graph.
+Compile coverage: tests/test_triton_compile.py compiles every variant the launcher emits (157: presets, CE,
+custom tables, bf16 / fp16 / fp32, biases, two-pass, gradients or not, soft-caps) for sm_90 and checks wgmma,
+shared memory (max 128 KB of 227 KB), 64-bit offsets and the rows kernel's barrier.
+Logit transforms (``softcap.py``): each model's LogitTransform is the epilogue of every kernel that forms
+its logits (statistics tile, two-pass and full-support logit GEMMs, top-K gather). A multiplier folds into
+the 1 / tau multiply, so identity and multiplier-only models run the variants compiled before transforms
+existed (the GEMM's identity variants have no exp2 at all: checked by the sweep); a soft-cap compiles
+variants of its own (constexpr SOFTCAP): one tanh per logit per pass, -inf kept, and the slope
+1 - tanh^2 read off the stored logits in the rows kernel's gradient sweep (~4 instructions per logit of a
+memory-bound sweep) and off the (N, K) gathered logits before the scatter (torch, O(N K)). Its cost, from
+the sm_90 SASS of the twin variants (static counts, executed once per tile and thread): +691 instructions
+(2 MUFU per logit) per 64 x 128 statistics tile with top-K (32 logits per thread; 255 registers either
+way, spills unchanged at ~1.4 KB), +2029 per 128 x 128 tile without top-K (226 -> 255 registers, no
+spills), +1658 per 128 x 128 logit-GEMM tile (116 -> 146 registers). Predicted on an H200 (1.98 GHz, 4
+issue slots per SM, epilogue not overlapped with the MMA, not measured): +0.7 us per 64 x 128 top-K tile
+against ~7 us of MMA at Hs = 2048 (+10 %; +5 % at Ht = 4096), i.e. ~1.6 ms per soft-capped model in stage 1
+at N = 16384, V = 151936 (~2.3 ms without top-K, or in the two-pass GEMM's epilogue ~1.9 ms); ~0.5 ms per
+logit GEMM of stage 3 (HT = 0.25 N); stage 4 ~0. Gemma 2 (all three models capped) with dopd: ~+4-5 ms on
+the ~108-130 ms below (~4 %); the MUFU pipe (the tanh's 2 + the log-sum-exp's 1 per logit: ~1.5K cycles
+per top-K tile) stays under the issue time.
 
 Predicted H200 time, N=16384, Hs=2048, Ht=4096, V=151936, bf16, HT fraction 0.25, K=128 (not measured:
 no GPU has been lent to a build session yet):
@@ -47,6 +77,7 @@ Extra memory: 2 C x V fp32 scratch (311 MB at C = 256) + the candidate lists of 
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -65,6 +96,12 @@ from .tables import route_tables
 from .topk import topk_rows
 
 Tensor = torch.Tensor
+
+
+def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
+    """Launch on ``device``: Triton launches on the current CUDA device and stream, which need not be the
+    tensors' (tensors on cuda:1 while cuda:0 is current). A no-op off CUDA."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def triton_routed_loss(
@@ -91,14 +128,12 @@ def triton_routed_loss(
     float64 inputs go to the PyTorch path (the kernels accumulate in fp32). Masked tokens are carried
     through the statistics pass (cost N, not the valid count) but never routed, weighted or reduced.
     """
-    if not (student_transform.is_identity and teacher_transform.is_identity and self_transform.is_identity):
-        raise NotImplementedError("triton_routed_loss: logit transforms (scale/softcap) are not implemented on this backend "
-                                  "yet; use backend='reference'")
     if torch.float64 in (student_hidden.dtype, student_weight.dtype, teacher_hidden.dtype, teacher_weight.dtype):
         return chunked_routed_loss(
             student_hidden, student_weight, teacher_hidden, teacher_weight, self_hidden, target_ids, valid,
             student_bias=student_bias, teacher_bias=teacher_bias, self_weight=self_weight, self_bias=self_bias,
-            hard_labels=hard_labels, config=config)
+            hard_labels=hard_labels, config=config, student_transform=student_transform,
+            teacher_transform=teacher_transform, self_transform=self_transform)
     shape = target_ids.shape
     vocab, hs = student_weight.shape
     device = student_hidden.device
@@ -119,12 +154,12 @@ def triton_routed_loss(
     topk_sources = config.topk_sources()
     want = torch.is_grad_enabled()
 
-    with torch.no_grad():
+    with device_guard(device), torch.no_grad():
         stats = {
             "self": fused_linear_stats(h_p, w_p, b_p, y, vocab=vocab, inv_tau=inv_tau,
-                                       top_k=k if "self" in topk_sources else 0),
+                                       top_k=k if "self" in topk_sources else 0, transform=self_transform),
             "teacher": fused_linear_stats(h_t, w_t, b_t, y, vocab=vocab, inv_tau=inv_tau,
-                                          top_k=k if "teacher" in topk_sources else 0),
+                                          top_k=k if "teacher" in topk_sources else 0, transform=teacher_transform),
         }
         lp_self, lp_teacher = stats["self"].target_logprob, stats["teacher"].target_logprob
         routing = route_tokens(lp_self, lp_teacher, flat_valid, config)
@@ -158,9 +193,9 @@ def triton_routed_loss(
                 lsrc=torch.where(use_t != 0, lp_teacher, lp_self), red=red_w,
             )
             student_full_rows(
-                order=order, count=count, student=Model(h_s, w_s, b_s),
-                teacher=Model(h_t, w_t, b_t) if ("teacher", "full") in uses else None,
-                self_model=Model(h_p, w_p, b_p) if ("self", "full") in uses else None,
+                order=order, count=count, student=Model(h_s, w_s, b_s, student_transform),
+                teacher=Model(h_t, w_t, b_t, teacher_transform) if ("teacher", "full") in uses else None,
+                self_model=Model(h_p, w_p, b_p, self_transform) if ("self", "full") in uses else None,
                 per_row=per_row, vocab=vocab, inv_tau=inv_tau, jsd_beta=config.jsd_beta, ce_weight=config.ce_weight,
                 flags={d: any(s.support == "full" and s.divergence == d for s in full_specs) for d in KIND_CODES}
                 | {"sampled": any(s.support == "sampled" for s in full_specs)},
@@ -170,23 +205,22 @@ def triton_routed_loss(
         if topk_sources:
             topk_rows(route=route, hidden=h_s, weight=w_s, bias=b_s,
                       stats={s: stats[s] for s in sorted(topk_sources)}, config=config, red_w=red_w,
-                      per_token=per_token, grads=grads)
+                      per_token=per_token, grads=grads, transform=student_transform)
         per_token = torch.where(flat_valid, per_token, 0.0)
         loss_value = (per_token * red_w).sum()
 
+    # fp32 accumulators; attach_grads converts them (fp16: only after the scaling by grad_output)
     loss = attach_grads(
-        loss_value,
-        None if grads["hidden"] is None else grads["hidden"].reshape(student_hidden.shape).to(student_hidden.dtype),
-        None if grads["weight"] is None else grads["weight"].to(student_weight.dtype),
-        None if grads["bias"] is None else grads["bias"].to(student_bias.dtype),
-        student_hidden, student_weight, student_bias,
+        loss_value, None if grads["hidden"] is None else grads["hidden"].reshape(student_hidden.shape),
+        grads["weight"], grads["bias"], student_hidden, student_weight, student_bias,
     )
 
     def lazy_logprob() -> Tensor:
         """Student log-probs: from the full-softmax rows where computed, else one student stats pass."""
-        with torch.no_grad():
+        with device_guard(device), torch.no_grad():
             missing = torch.isnan(student_logprob)
-            fresh = fused_linear_stats(h_s, w_s, b_s, y, vocab=vocab, inv_tau=inv_tau).target_logprob
+            fresh = fused_linear_stats(h_s, w_s, b_s, y, vocab=vocab, inv_tau=inv_tau,
+                                       transform=student_transform).target_logprob
             out = torch.where(missing, fresh, student_logprob)
             return torch.where(flat_valid, out, 0.0).reshape(shape)
 

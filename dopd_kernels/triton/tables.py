@@ -1,13 +1,19 @@
-"""Per-route lookup tables of the Triton path, built once per (config, device) and cached.
+"""Per-route lookup tables of the Triton path, built once per (route table, device) and cached.
 
 Indexed by route id (0..3), they turn the (N,) route ids into per-row kernel parameters with one
 gather on the device. Building them with ``torch.tensor(list, device=cuda)`` on every call would be a
 host-to-device copy in the hot path, which CUDA graphs cannot capture; cached, a call only reads them.
+
+CUDA graphs: the first call for a route table copies it to the device, so run one call (a warm-up,
+forward and backward) before capturing; a call during capture that finds no table raises instead of
+copying. A captured graph keeps pointing at the tables it read, so a table used during a capture is
+pinned for the life of the process; the other tables are kept for the last ``CACHE_SIZE`` route tables
+(the key is what the tables hold: the routes and their weights, not chunk_size, trim, ...).
 """
 
 from __future__ import annotations
 
-import functools
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -31,9 +37,37 @@ class RouteTables:
     topk_kind: dict
 
 
-@functools.lru_cache(maxsize=64)
+#: Route tables kept per process besides the pinned ones (a few hundred bytes of device memory each).
+CACHE_SIZE = 64
+_cache: "OrderedDict[tuple, RouteTables]" = OrderedDict()
+_pinned: dict[tuple, RouteTables] = {}
+
+
 def route_tables(config: RouteConfig, device: torch.device) -> RouteTables:
-    """The tables of ``config`` on ``device`` (RouteConfig is frozen and hashable; the group is not part of it)."""
+    """The tables of ``config`` on ``device``, cached (see the module docstring for CUDA graphs)."""
+    key = (tuple(config.routes), tuple(config.route_weight(r) for r in range(len(config.routes))), device)
+    capturing = _capturing(device)
+    tables = _pinned.get(key) or _cache.get(key)
+    if tables is None:
+        if capturing:
+            raise RuntimeError("routed_loss (triton): this route table has no device copy yet and a CUDA graph is "
+                               "being captured; run one call outside the graph first (a warm-up)")
+        tables = _cache[key] = _build(config, device)
+        while len(_cache) > CACHE_SIZE:
+            _cache.popitem(last=False)
+    elif key in _cache:
+        _cache.move_to_end(key)
+    if capturing:
+        _pinned[key] = tables  # a captured graph reads these addresses: never free them
+    return tables
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on the current stream (a host-side query, no sync)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _build(config: RouteConfig, device: torch.device) -> RouteTables:
     specs = list(enumerate(config.routes))
 
     def kind(spec) -> int:
