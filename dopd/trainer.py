@@ -1,9 +1,9 @@
 """The step loop: rollouts -> three contexts -> three hidden-state passes -> routed loss -> AdamW.
 
 One optimizer step takes ``grad_accum`` micro-batches of ``prompts_per_step`` prompts, each with
-``num_generations`` sampled responses. The teacher is frozen; the self pass is the live student under
-no_grad with the privileged context. Data order is a function of (seed, micro-step) alone, and the RNG
-state is checkpointed, so ``--resume`` reproduces an uninterrupted run exactly.
+``num_generations`` sampled responses. The teacher is frozen; the self pass runs under no_grad with the
+privileged context, on the live student or a frozen/EMA copy (``dopd.self_model``). Data order is a
+function of (seed, micro-step) alone, and the RNG state is checkpointed, so ``--resume`` reproduces an uninterrupted run exactly.
 Everything that can be checked without weights is checked first (``dopd.preflight``); dtypes follow
 ``dopd.precision`` (fp32 masters, autocast compute); logit post-processing follows ``passes.logit_transform``.
 """
@@ -29,6 +29,7 @@ from dopd.passes import build_pass_batch, output_projection, response_hidden, ve
 from dopd.precision import Precision
 from dopd.preflight import check_run, route_config  # noqa: F401  (route_config: re-exported)
 from dopd.rollout import generate
+from dopd.self_model import make_self_model
 
 
 def batch_indices(micro_step: int, num_records: int, size: int, seed: int) -> list[int]:
@@ -127,9 +128,11 @@ class Trainer:
         prec = self.precision
         self.student = load_causal_lm(student_path, prec.param_dtype, self.device, trainable=True)
         self.teacher = load_causal_lm(cfg.teacher, prec.frozen_dtype, self.device, trainable=False)
-        # A frozen self is the *initial* student (cfg.student, also after --resume), never trained.
-        self.self_model = (load_causal_lm(cfg.student, prec.frozen_dtype, self.device, trainable=False)
-                           if cfg.self_model == "frozen" else None)
+        # A frozen self is the *initial* student (cfg.student, also after --resume), never trained; an
+        # EMA self starts as the student (in the masters' dtype) and follows it after every optimizer step.
+        self.self_model, self.self_ema = make_self_model(
+            cfg.self_model, cfg.self_ema_decay, self.student,
+            lambda: load_causal_lm(cfg.student, prec.frozen_dtype, self.device, trainable=False))
         # The configs promised these logits; check on a few tokens that the loaded classes agree.
         verify_logit_transform(self.student, self.transforms["student_transform"], f"--student {cfg.student}")
         verify_logit_transform(self.teacher, self.transforms["teacher_transform"], f"--teacher {cfg.teacher}")
@@ -151,6 +154,8 @@ class Trainer:
             if state.get("scaler"):
                 self.scaler.load_state_dict(state["scaler"])
             self.step = int(state["step"])
+            if self.self_ema is not None:
+                self.self_ema.load_state_dict(state["self_ema"])
             set_rng_state(state["rng"])  # last: nothing after this may draw random numbers before step 1
             self.log(f"resumed from {self.resume_from} at step {self.step}")
         os.makedirs(cfg.output_dir, exist_ok=True)
@@ -208,6 +213,8 @@ class Trainer:
         self.scaler.step(self.optimizer)  # fp16: skipped when the scaled gradients overflowed
         self.scaler.update()
         self.scheduler.step()
+        if self.self_ema is not None:
+            self.self_ema.update(self.student)
         self.step += 1
         merged = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
         merged["n_tokens"] = sum(r["n_tokens"] for r in rows)
@@ -220,7 +227,8 @@ class Trainer:
         """Checkpoint the current step."""
         return save_checkpoint(self.config.output_dir, self.step, self.student, self.tokenizer, self.optimizer,
                                self.scheduler, keep=self.config.keep_checkpoints,
-                               extra={"config": self.config.to_dict(), "scaler": self.scaler.state_dict()})
+                               extra={"config": self.config.to_dict(), "scaler": self.scaler.state_dict(),
+                                      **({"self_ema": self.self_ema.state_dict()} if self.self_ema is not None else {})})
 
     def train(self) -> dict[str, Any]:
         """Run to ``max_steps`` (from the resumed step); returns accuracy before/after when evaluated."""
