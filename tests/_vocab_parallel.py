@@ -280,3 +280,41 @@ def bad_input_worker(rank: int, world: int, sizes: list[int], cases: list[str]) 
     out = run_loss(inp, sharded_inputs(inp, sizes, rank), config=config, backend="torch", group=dist.group.WORLD)
     messages.append(float(out[0].loss))
     return messages
+
+
+def trusted_layout_worker(rank: int, world: int, sizes: list[int]) -> list:
+    """``check_values=False``: the shard sizes learnt by a group's first call, and what a later call whose
+    shards changed does. Returns, per step, this rank's (ValueError message or relative loss error, elements
+    this rank contributed to collectives); a step only some ranks take is run on those ranks alone (the
+    others would rightly wait in the loss's collectives)."""
+    from dopd_kernels import RouteConfig
+    from dopd_kernels.vocab_parallel import comm
+
+    trusted = RouteConfig.preset("dopd", top_k=8, ce_weight=0.1, check_values=False)
+    other_group = dist.new_group(list(range(world)))  # every rank creates it, in the same order
+
+    def step(shard_sizes, config=trusted, group=dist.group.WORLD, breaks=None):
+        inp = problem({}, sum(shard_sizes))
+        weights = sharded_inputs(inp, shard_sizes, rank)
+        if breaks == "teacher_short":
+            weights["teacher_weight"] = weights["teacher_weight"][:-1]
+            weights["teacher_bias"] = weights["teacher_bias"][:-1]
+        ref = run_loss(inp, _whole(inp), config=config, backend="torch")
+        comm.TRAFFIC.clear()
+        try:
+            out = run_loss(inp, weights, config=config, backend="torch", group=group)
+            result = rel_err(out[0].loss, ref[0].loss)
+        except ValueError as exc:
+            result = f"ValueError: {exc}"
+        return result, sum(comm.TRAFFIC.values())
+
+    moved = [sizes[0] + 1, sizes[1] - 1] + sizes[2:]  # every rank's own size changes
+    shrunk = sizes[:-1] + [sizes[-1] - 1]  # only the last rank's does
+    results = {"first": step(sizes), "again": step(sizes), "moved": step(moved)}
+    if rank == world - 1:
+        results["shrunk"] = step(shrunk)
+        results["local_error"] = step(sizes, breaks="teacher_short")
+    results["other_group"] = step(shrunk, group=other_group)  # a group's first call: exchanged, correct
+    results["recheck"] = step(shrunk, config=trusted.replace(check_values=True))
+    results["after_recheck"] = step(shrunk)
+    return results

@@ -18,7 +18,8 @@ import torch
 from dopd_kernels import PRESETS, LogitTransform, RouteConfig, routed_loss
 
 from _inputs import make_inputs
-from _vocab_parallel import bad_input_worker, equivalence_worker, grid_worker, run_ranks, same_metrics
+from _vocab_parallel import (bad_input_worker, equivalence_worker, grid_worker, run_ranks, same_metrics,
+                             trusted_layout_worker)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("bench_vocab_parallel", ROOT / "bench" / "vocab_parallel.py")
@@ -157,3 +158,21 @@ def test_arguments_checked_before_any_collective():
     if not dist.is_initialized():
         with pytest.raises(ValueError, match="vocab_group"):
             routed_loss(*inp.args(), vocab_group=object())
+
+
+def test_trusted_calls_never_use_a_stale_layout_nor_a_lone_collective():
+    """check_values=False: the first call on a group exchanges the shard sizes; later calls run no collective in
+    validation, and a rank whose shard size changed, or whose arguments are bad, raises before any collective
+    (before the fix: a stale layout gave a wrong loss, or the rank went into an all-gather alone: a hang)."""
+    sizes = [15, 22]
+    results = run_ranks(trusted_layout_worker, 2, sizes, timeout=120)
+    for rank, res in enumerate(results):
+        for name in ("first", "again", "other_group", "recheck", "after_recheck"):
+            err, _ = res[name]
+            assert isinstance(err, float) and err <= TORCH_TOL, (rank, name, err)
+        message, traffic = res["moved"]
+        assert "student_weight" in message and "must not change" in message and traffic == 0, (rank, message)
+    for name, expected in (("shrunk", "student_weight: with check_values=False"), ("local_error", "teacher_weight")):
+        message, traffic = results[1][name]
+        assert isinstance(message, str) and expected in message and traffic == 0, (name, message, traffic)
+        assert name not in results[0]
