@@ -29,6 +29,7 @@ from .transform import IDENTITY, LogitTransform
 from .output import RoutedLossOutput
 from .reduction import reduction_weights
 from .routing import route_tokens
+from .topk import ties_may_cross_cut
 
 Tensor = torch.Tensor
 #: Tokens per statistics chunk = this x config.chunk_size (see chunked_routed_loss).
@@ -96,15 +97,19 @@ def chunked_routed_loss(
     # tokens, and larger GEMMs run closer to the BLAS peak.
     stats_chunk = STATS_CHUNK_FACTOR * config.chunk_size
     want = torch.is_grad_enabled()  # read before entering no_grad
+    # Whether each source's top-K meets exact ties (soft-cap, -inf biases): decided for both at once, before
+    # any GEMM is queued (one small host read on CUDA, only when a bias must be looked at).
+    ties = ties_may_cross_cut([(p.bias, p.transform.softcap is not None, k if name in topk_sources else 0)
+                               for name, p in (("self", self_proj), ("teacher", teacher))])
 
     with torch.no_grad():
         stats = {
             "self": linear_stats(h_p, self_proj.weight, self_proj.bias, y, inv_tau=inv_tau,
                                  top_k=k if "self" in topk_sources else 0, chunk_size=stats_chunk,
-                                 transform=self_proj.transform, dtype=cdtype),
+                                 transform=self_proj.transform, dtype=cdtype, exact_ties=ties[0]),
             "teacher": linear_stats(h_t, teacher.weight, teacher.bias, y, inv_tau=inv_tau,
                                     top_k=k if "teacher" in topk_sources else 0, chunk_size=stats_chunk,
-                                    transform=teacher.transform, dtype=cdtype),
+                                    transform=teacher.transform, dtype=cdtype, exact_ties=ties[1]),
         }
         source_logprob = {name: s.target_logprob for name, s in stats.items()}
         routing = route_tokens(source_logprob["self"], source_logprob["teacher"],

@@ -142,7 +142,25 @@ def problem(case: dict, vocab: int):
         inp.extra["self_weight"] = inp.student_weight + 0.1 * torch.randn(inp.student_weight.shape, generator=g,
                                                                            dtype=inp.student_weight.dtype)
         inp.extra["self_bias"] = inp.student_bias - 0.2
+    if case.get("masked_vocab"):  # -inf biases: K exceeds the finite count, the top-K cut falls among -inf ties
+        mask_vocabulary(inp, vocab)
     return inp
+
+
+#: A route table whose top-K routes read sources with -inf biases where the student is finite (fkl / jsd: the
+#: student's mass on the ids picked at the cut counts, so the tie rule decides the loss).
+MASKED_VOCAB_ROUTES = (("teacher", "fkl", "topk", 1.0), ("self", "jsd", "topk", 0.5), ("teacher", "jsd", "topk", 1.0),
+                       ("self", "fkl", "topk", 0.7))
+
+
+def mask_vocabulary(inp, vocab: int) -> None:
+    """The teacher keeps ids 0..4 finite and a privileged self pass with its own head (the student's weights)
+    ids 0..6; the student stays finite everywhere; the targets are ids 0..4 (finite under every model)."""
+    inp.teacher_bias[5:vocab] = float("-inf")
+    inp.extra["self_weight"] = inp.student_weight.clone()
+    inp.extra["self_bias"] = inp.student_bias.clone()
+    inp.extra["self_bias"][7:] = float("-inf")
+    inp.target_ids = torch.where(inp.mask, inp.target_ids % 5, -100) if inp.mask is not None else inp.target_ids % 5
 
 
 # -------------------------------------------------------------------------------------------- workers
@@ -154,9 +172,12 @@ def _whole(inp) -> dict:
                 self_bias=inp.extra.get("self_bias"))
 
 
-def _config(case: dict):
+def case_config(case: dict):
+    """The case's RouteConfig: a preset, or a custom route table (``routes``), with ``config`` overrides."""
     from dopd_kernels import RouteConfig
 
+    if "routes" in case:
+        return RouteConfig(routes=case["routes"], **case.get("config", {}))
     return RouteConfig.preset(case["preset"], **case.get("config", {}))
 
 
@@ -176,7 +197,7 @@ def equivalence_worker(rank: int, world: int, sizes: list[int], cases: list[dict
         if case.get("singleton"):
             part_sizes, part_rank, group = [sum(sizes)], 0, singles[rank]
         inp = problem(case, sum(sizes))
-        config = _config(case)
+        config = case_config(case)
         backend = case.get("backend", "torch")
         options = dict(case.get("transforms", {}))
         ref = run_loss(inp, _whole(inp), config=config, backend=backend, **options)
@@ -209,7 +230,7 @@ def grid_worker(rank: int, world: int, sizes: list[int], cases: list[dict]) -> l
     results = []
     for case in cases:
         inp = problem(case, sum(sizes))
-        config = _config(case)
+        config = case_config(case)
         whole = run_loss(inp, _whole(inp), config=config, backend="torch")
         half = slice(dp * inp.target_ids.shape[0] // 2, (dp + 1) * inp.target_ids.shape[0] // 2)
         for name in ("student_hidden", "teacher_hidden", "self_hidden", "target_ids", "mask", "hard_labels"):

@@ -18,8 +18,8 @@ import torch
 from dopd_kernels import PRESETS, LogitTransform, RouteConfig, routed_loss
 
 from _inputs import make_inputs
-from _vocab_parallel import (bad_input_worker, equivalence_worker, grid_worker, run_ranks, same_metrics,
-                             trusted_layout_worker)
+from _vocab_parallel import (MASKED_VOCAB_ROUTES, bad_input_worker, case_config, equivalence_worker, grid_worker,
+                             run_ranks, same_metrics, trusted_layout_worker)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("bench_vocab_parallel", ROOT / "bench" / "vocab_parallel.py")
@@ -60,7 +60,7 @@ def _check(results_per_rank: list[list[dict]], cases: list[dict], tol: float, si
 
 def _check_traffic(res: dict, case: dict, sizes: list[int]) -> None:
     """The collectives' element counts are exactly bench/vocab_parallel.py's prediction."""
-    config = RouteConfig.preset(case["preset"], **case.get("config", {}))
+    config = case_config(case)
     counts = {rid: int((res["route"] == rid).sum()) for rid in range(4)}
     predicted = bench_vp.predicted_elements(counts, config, sizes, res["hidden"],
                                             reduce_hidden_grad=case.get("reduce_hidden_grad", True))
@@ -85,6 +85,8 @@ def test_two_ranks_uneven_shards_torch():
              transforms=SOFTCAP),
         dict(preset="dopd", config=dict(top_k=20, ce_weight=0.3), singleton=True),  # a group of one rank
         dict(preset="dopd", config=dict(top_k=20), mask_frac=1.0),  # every token masked: loss 0, no NaN
+        # -inf biases, no soft-cap: each shard's local top-K must take the lowest -inf ids too
+        dict(preset="custom", routes=MASKED_VOCAB_ROUTES, config=dict(top_k=20, ce_weight=0.3), masked_vocab=True),
         # bf16 shards (converted per block, fp32 compute) vs bf16 on one process: summation order only
         dict(preset="dopd", config=dict(top_k=20, ce_weight=0.3), dtype=torch.bfloat16, tol=1e-5),
     ]

@@ -16,6 +16,7 @@ import torch
 
 from ..chunked_losses import GradBuffers, Projection, fold_topk_grad
 from ..chunked_stats import LinearStats, linear_stats, logits_grad_to_hidden, scaled_logits
+from ..topk import ties_may_cross_cut
 from ..transform import LogitTransform
 
 Tensor = torch.Tensor
@@ -47,11 +48,20 @@ class TorchShardOps:
         """Rows of hidden states as the GEMMs want them (the compute dtype)."""
         return h.to(self.dtype)
 
-    def stats(self, hidden: Tensor, proj: Projection, local_targets: Tensor, top_k: int) -> LinearStats:
+    def exact_ties(self, cases: list[tuple[Projection, int]]) -> list[bool]:
+        """For each (shard projection, local top-k width): whether its top-K must break exact ties by the
+        lower id (``topk.ties_may_cross_cut``: a soft-cap, or a shard bias with enough -inf entries); one host
+        read on CUDA for all of them."""
+        return ties_may_cross_cut([(p.bias, p.transform.softcap is not None, k) for p, k in cases])
+
+    def stats(self, hidden: Tensor, proj: Projection, local_targets: Tensor, top_k: int,
+              exact_ties: bool) -> LinearStats:
         """Log-sum-exp over the shard's rows, the logit at ``local_targets`` (in range; masked by the caller
-        where another rank owns the id) and the shard's top-``top_k`` (local ids)."""
+        where another rank owns the id) and the shard's top-``top_k`` (local ids; ties to the lower id when
+        ``exact_ties``, see ``exact_ties``)."""
         return linear_stats(hidden, proj.weight, proj.bias, local_targets, inv_tau=self.inv_tau, top_k=top_k,
-                            chunk_size=self.stats_chunk, transform=proj.transform, dtype=self.dtype)
+                            chunk_size=self.stats_chunk, transform=proj.transform, dtype=self.dtype,
+                            exact_ties=exact_ties)
 
     def logits(self, h: Tensor, proj: Projection) -> Tensor:
         """(C, V_r) ``transform(h W^T + b) / tau`` over the shard's rows; h (C, H) from ``hidden``."""

@@ -49,8 +49,14 @@ class TritonShardOps:
         """Rows of hidden states as the kernels want them (contiguous, their own dtype)."""
         return h.contiguous()
 
-    def stats(self, hidden: Tensor, proj: Projection, local_targets: Tensor, top_k: int) -> LinearStats:
-        """As ``TorchShardOps.stats``, with the fused statistics kernel."""
+    def exact_ties(self, cases: list[tuple[Projection, int]]) -> list[bool]:
+        """The statistics kernel always breaks ties by the lower id: nothing to decide (no host read)."""
+        return [True] * len(cases)
+
+    def stats(self, hidden: Tensor, proj: Projection, local_targets: Tensor, top_k: int,
+              exact_ties: bool) -> LinearStats:
+        """As ``TorchShardOps.stats``, with the fused statistics kernel (its top-K always takes the lower id
+        among ties)."""
         return fused_linear_stats(hidden, proj.weight, proj.bias, local_targets, vocab=proj.weight.shape[0],
                                   inv_tau=self.inv_tau, top_k=top_k, transform=proj.transform)
 
