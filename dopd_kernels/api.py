@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional, Union
 
 import torch
 
 from .chunked import chunked_routed_loss
 from .config import RouteConfig
+from .devices import autocast_off
 from .output import RoutedLossOutput
 from .reference import reference_from_logits, reference_routed_loss
 from .selfcheck import CallShape, triton_agrees
@@ -39,6 +41,21 @@ def _resolve_backend(backend: str, device: torch.device, config: Optional[RouteC
     return backend
 
 
+def _without_autocast(fn):
+    """Run the loss with autocast disabled for its first tensor's device (``devices.autocast_off``): the
+    inputs keep their dtypes and the loss's own numerics apply (fp32 accumulation) inside an autocast region."""
+
+    @functools.wraps(fn)
+    def wrapper(first, *args, **kwargs):
+        if not isinstance(first, Tensor):  # validation names the argument
+            return fn(first, *args, **kwargs)
+        with autocast_off(first.device):
+            return fn(first, *args, **kwargs)
+
+    return wrapper
+
+
+@_without_autocast
 def routed_loss(
     student_hidden: Tensor,
     student_weight: Tensor,
@@ -101,6 +118,9 @@ def routed_loss(
         RoutedLossOutput: ``loss`` (differentiable w.r.t. student_hidden, student_weight, student_bias)
         and per-token ``per_token_loss``, ``route``, ``adv_gap``, ``q_self``, ``q_teacher``,
         ``student_logprob``; ``metrics()`` for logging.
+
+    Under ``torch.autocast`` the loss computes with autocast disabled for the inputs' device: the inputs
+    keep their dtypes (bf16 hidden states stay bf16) and the loss's own numerics apply (fp32 accumulation).
     """
     config = as_config(config)
     if not isinstance(reduce_hidden_grad, bool):
@@ -142,6 +162,7 @@ def routed_loss(
     return chunked_routed_loss(*args, **kwargs)
 
 
+@_without_autocast
 def routed_loss_from_logits(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -156,7 +177,7 @@ def routed_loss_from_logits(
 
     Shapes: student_logits / self_logits (B, T, V) or (N, V); teacher_logits (..., Vt >= V), cut to V;
     target_ids, mask, hard_labels like the leading shape. Computes in float32 (float64 for float64
-    inputs) with autograd; the gradient flows into ``student_logits`` only.
+    inputs) with autograd, autocast disabled; the gradient flows into ``student_logits`` only.
     """
     config = as_config(config)
     valid = validate_logit_inputs(student_logits, teacher_logits, self_logits, target_ids, mask, hard_labels, config)

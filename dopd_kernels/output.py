@@ -7,6 +7,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from .config import ROUTES
+from .devices import autocast_off
 
 Tensor = torch.Tensor
 
@@ -59,7 +60,8 @@ class RoutedLossOutput:
                     "student_logprob: the student's hidden states or weights were modified in place after "
                     "routed_loss (an optimizer step?); read student_logprob before changing them"
                 )
-            self._logprob = self._logprob_fn()
+            with autocast_off(self.route.device):  # the loss's own numerics, as in the call that made it
+                self._logprob = self._logprob_fn()
             self._logprob_fn, self._watched = None, []
         return self._logprob
 

@@ -25,6 +25,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .config import RouteConfig
+from .devices import capturing as _capturing  # module-level name: tests stand in for it
 from .transform import IDENTITY, LogitTransform
 
 ENV_VAR = "DOPD_TRITON_SELFCHECK"
@@ -77,10 +78,6 @@ def triton_agrees(device: torch.device, config: RouteConfig, dtype: torch.dtype,
             f"on this device for the rest of the process; please report this. {ENV_VAR}=0 skips the check.",
             RuntimeWarning, stacklevel=3)
     return _results[key]
-
-
-def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _name(device: torch.device) -> str:

@@ -77,7 +77,6 @@ Extra memory: 2 C x V fp32 scratch (311 MB at C = 256) + the candidate lists of 
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
@@ -85,6 +84,7 @@ import torch
 from ..attach import attach_grads
 from ..chunked import chunked_routed_loss
 from ..config import RouteConfig
+from ..devices import device_guard
 from ..transform import IDENTITY, LogitTransform
 from ..output import RoutedLossOutput
 from ..reduction import reduction_weights
@@ -96,12 +96,6 @@ from .tables import route_tables
 from .topk import topk_rows
 
 Tensor = torch.Tensor
-
-
-def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
-    """Launch on ``device``: Triton launches on the current CUDA device and stream, which need not be the
-    tensors' (tensors on cuda:1 while cuda:0 is current). A no-op off CUDA."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def triton_routed_loss(
