@@ -8,6 +8,7 @@ rank holds the whole weights too) and return errors and fingerprints, which the 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import tempfile
@@ -20,6 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from _inputs import make_inputs, rel_err
+from _launch_guard import record_launch_guards, unguarded
 
 FIELDS = ("per_token_loss", "adv_gap", "q_self", "q_teacher", "student_logprob")
 
@@ -186,7 +188,8 @@ def equivalence_worker(rank: int, world: int, sizes: list[int], cases: list[dict
 
     Case keys: preset, config (RouteConfig overrides), backend, dtype, transforms (routed_loss keywords),
     reduce_hidden_grad, module (use RoutedDistillationLoss), singleton (a group of this rank alone, whole
-    weights), self_weight, mask_frac, lead, seed.
+    weights), self_weight, mask_frac, lead, seed, masked_vocab (-inf biases), routes (a custom table),
+    record_launches (Triton: note the device guard of every launch, ``_launch_guard.py``).
     """
     from dopd_kernels.vocab_parallel import comm
 
@@ -203,9 +206,11 @@ def equivalence_worker(rank: int, world: int, sizes: list[int], cases: list[dict
         ref = run_loss(inp, _whole(inp), config=config, backend=backend, **options)
         reduce = case.get("reduce_hidden_grad", True)
         comm.TRAFFIC.clear()
-        out = run_loss(inp, sharded_inputs(inp, part_sizes, part_rank), config=config, backend=backend, group=group,
-                       module=case.get("module", False), reduce_hidden_grad=reduce, **options)
-        traffic = dict(comm.TRAFFIC)
+        with record_launch_guards() if case.get("record_launches") else contextlib.nullcontext() as launches:
+            out = run_loss(inp, sharded_inputs(inp, part_sizes, part_rank), config=config, backend=backend,
+                           group=group, module=case.get("module", False), reduce_hidden_grad=reduce, **options)
+            traffic = dict(comm.TRAFFIC)  # the loss's own (bench/vocab_parallel.py predicts it)
+            out[0].student_logprob  # the lazy pass: launches too
         grads = list(out[1:])
         extra = {}
         if not reduce:  # this shard's part only: the parts sum to the full gradient, and a part is not it
@@ -213,6 +218,9 @@ def equivalence_worker(rank: int, world: int, sizes: list[int], cases: list[dict
             grads[0] = grads[0].clone()
             dist.all_reduce(grads[0], group=group)
         errors = compare(out[0], ref[0], grads, ref[1:], part_sizes, part_rank)
+        if launches is not None:
+            extra["launches"] = [name for name, _, _ in launches]
+            extra["unguarded"] = unguarded(launches)
         results.append(dict(errors=errors, extra=extra, traffic=traffic, fingerprint=fingerprint(out[0], grads),
                             route=out[0].route, hidden=inp.student_hidden.shape[-1],
                             n_valid=int((out[0].route >= 0).sum())))

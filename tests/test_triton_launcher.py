@@ -17,7 +17,7 @@ from dopd_kernels import RouteConfig  # noqa: E402
 from dopd_kernels.triton import interpreter_compat, tables  # noqa: E402
 from dopd_kernels.triton.blocks import blocks_for  # noqa: E402
 from dopd_kernels.triton.full_support import KIND_JSD, Model, student_full_rows  # noqa: E402
-from dopd_kernels.triton.function import device_guard  # noqa: E402
+from dopd_kernels.devices import device_guard  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="counts the interpreter's accesses")
@@ -163,6 +163,28 @@ def test_launches_run_under_the_tensors_device():
     guard = device_guard(torch.device("cuda", 1))
     assert isinstance(guard, torch.cuda.device) and guard.idx == 1
     assert isinstance(device_guard(torch.device("cpu")), contextlib.nullcontext)
+
+
+@interpreted
+def test_every_launch_of_the_single_process_path_is_guarded():
+    """Every kernel launch (statistics, GEMMs, rows, gather / scatter, the lazy statistics pass) runs inside a
+    guard of its tensors' device; the vocabulary-parallel path: tests/test_vocab_parallel.py."""
+    from dopd_kernels import routed_loss
+
+    from _inputs import make_inputs
+    from _launch_guard import record_launch_guards, unguarded
+
+    inp = make_inputs(lead=(2, 5), dtype=torch.float32, hard_labels=True)
+    h = inp.student_hidden.clone().requires_grad_()
+    with record_launch_guards() as launches:
+        out = routed_loss(h, *inp.args()[1:], student_bias=inp.student_bias, teacher_bias=inp.teacher_bias,
+                          hard_labels=inp.hard_labels, config=RouteConfig.preset("dopd", top_k=8, ce_weight=0.1),
+                          backend="triton")
+        out.loss.backward()
+        out.student_logprob
+    names = {name for name, _, _ in launches}
+    assert {"_stats_kernel", "_rows_kernel", "_gather_logits_kernel", "_scatter_grad_kernel"} <= names, names
+    assert not unguarded(launches)
 
 
 def test_interpreter_fix_is_for_old_triton_only():

@@ -113,7 +113,17 @@ def test_triton_interpreter(sizes):
     if len(sizes) == 2:  # logit transforms in the kernels' epilogues, per shard
         cases.append(dict(small, preset="dopd", config=dict(top_k=20, ce_weight=0.3), transforms=SOFTCAP))
         cases.append(dict(small, preset="gkd", config=dict(top_k=20), transforms=SOFTCAP))
-    _check(run_ranks(equivalence_worker, len(sizes), sizes, cases, timeout=420), cases, TRITON_TOL, sizes)
+        # every launch inside a guard of the tensors' device (the lazy log-prob pass too: no CE here)
+        cases.append(dict(small, preset="dopd", config=dict(top_k=20), record_launches=True))
+    results = run_ranks(equivalence_worker, len(sizes), sizes, cases, timeout=420)
+    _check(results, cases, TRITON_TOL, sizes)
+    for rank, per_case in enumerate(results):
+        for case, res in zip(cases, per_case):
+            if case.get("record_launches"):
+                launches = res["extra"]["launches"]
+                assert {"_stats_kernel", "_mm_kernel", "_gather_logits_kernel", "_scatter_grad_kernel"} <= set(
+                    launches) and launches.count("_stats_kernel") >= 3, launches  # self, teacher, lazy student
+                assert not res["extra"]["unguarded"], (rank, res["extra"]["unguarded"])
 
 
 def test_grid_of_two_data_parallel_by_two_vocabulary_parallel_ranks():

@@ -20,6 +20,7 @@ from ..attach import attach_grads
 from ..chunked import STATS_CHUNK_FACTOR
 from ..chunked_losses import GradBuffers
 from ..config import RouteConfig
+from ..devices import device_guard
 from ..output import RoutedLossOutput
 from ..reduction import reduction_weights
 from ..routing import route_tokens
@@ -103,7 +104,8 @@ def vocab_parallel_routed_loss(
     topk_sources = config.topk_sources()
     want = torch.is_grad_enabled()
 
-    with torch.no_grad():
+    # Triton launches on the current CUDA device, which need not be the tensors' (as on one process)
+    with device_guard(h_s.device), torch.no_grad():
         stats = source_stats(ops, models, y, layout, k, topk_sources)
         routing = route_tokens(stats["self"].whole.target_logprob, stats["teacher"].whole.target_logprob,
                                torch.ones_like(y, dtype=torch.bool), config)
@@ -154,7 +156,7 @@ def vocab_parallel_routed_loss(
 
     def lazy_logprob() -> Tensor:
         """The student's log-probs of the rows the loss pass did not need the full softmax for (a collective)."""
-        with torch.no_grad():
+        with device_guard(h_s.device), torch.no_grad():
             todo = torch.isnan(logprob).nonzero().squeeze(1)
             logprob.index_copy_(0, todo, student_logprob(ops, ops.hidden(h_s.index_select(0, todo)), student,
                                                          y.index_select(0, todo), layout).to(cdtype))
