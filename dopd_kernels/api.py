@@ -108,7 +108,10 @@ def routed_loss(
             same rows. Every rank gets what one process would on the concatenated weights (loss, per-token
             fields, metrics); the weight/bias gradients are the shard's rows of the full gradient. Collective:
             call it on every rank of the group; reading ``student_logprob`` may be one too (read it on every
-            rank). Independent of ``config.stats_group`` (data parallel); they combine.
+            rank). Independent of ``config.stats_group`` (data parallel); they combine. With
+            ``config.check_values=False`` the group's first call learns the shard sizes and later calls skip
+            that exchange: the sizes must then not change on the group (a rank whose shard changed raises;
+            see ``vocab_parallel/validate.py``).
         reduce_hidden_grad: with ``vocab_group``, True (default): the gradient of ``student_hidden`` is the full
             gradient on every rank (the op sums the shards' parts over the group). False: each rank gets its
             own shard's part, for callers whose tensor-parallel region all-reduces the input gradient itself

@@ -4,8 +4,8 @@ Run as a script (``python tests/_triton_launches.py OUT.json [WORKERS]``) with `
 it runs ``routed_loss(backend="triton")`` on CPU tensors over the scenarios below (every preset, CE on and
 off, custom route tables, bf16 / fp16 / fp32, biases, the two-pass statistics mode, with and without
 gradients, a ragged shape, a long batch, an odd chunk size; soft-capped models, whose kernels are
-variants of their own; and the vocabulary-parallel path on a one-rank gloo group) with the GPU tile sizes (``blocks.GPU_BLOCKS`` stands in for the interpreter
-tiles). Each kernel launch is not executed but handed to Triton's own launcher in warm-up mode against a
+variants of their own; and the vocabulary-parallel path on a one-rank gloo group) with the GPU tile sizes
+(``blocks.GPU_BLOCKS`` stands in for the interpreter tiles). Each kernel launch is not executed but handed to Triton's own launcher in warm-up mode against a
 stand-in driver whose target is sm_90: Triton binds the arguments
 exactly as for a real launch (16-divisibility of pointers and ints, strides equal to 1 as constants),
 compiles each specialization once (its in-memory and on-disk caches dedupe the rest) and returns it;

@@ -119,7 +119,8 @@ def test_each_kernel_variant_is_checked_once(fresh):
         (dopd.replace(top_k=64), torch.bfloat16, selfcheck.CallShape()),  # K: a constexpr of the statistics kernel
     ]
     same_variants = [
-        (dopd.replace(beta_light=0.9, temperature=1.5, chunk_size=512, trim=0.1), torch.bfloat16, selfcheck.CallShape()),
+        (dopd.replace(beta_light=0.9, temperature=1.5, chunk_size=512, trim=0.1), torch.bfloat16,
+         selfcheck.CallShape()),
         (dopd, torch.bfloat16, selfcheck.CallShape(transforms=(LogitTransform(scale=0.5), IDENTITY, IDENTITY))),
         (RouteConfig.preset("gkd", top_k=64), torch.bfloat16, selfcheck.CallShape()),  # no top-K route: K unused
     ]
@@ -130,9 +131,11 @@ def test_each_kernel_variant_is_checked_once(fresh):
 
 def test_a_failed_variant_sends_the_whole_device_to_torch(fresh):
     calls = []
-    fresh.setattr(selfcheck, "check",
-                  lambda device, config, dtype, call: calls.append(dtype) or ("d weight differs" if dtype == torch.float16
-                                                                              else None))
+    def check(device, config, dtype, call):
+        calls.append(dtype)
+        return "d weight differs" if dtype == torch.float16 else None
+
+    fresh.setattr(selfcheck, "check", check)
     dopd = RouteConfig.preset("dopd")
     assert api._resolve_backend("auto", CUDA0, dopd, torch.bfloat16) == "triton"
     with pytest.warns(RuntimeWarning, match="d weight differs"):

@@ -3,7 +3,9 @@
 Every rank holds its shard of the vocabulary rows (uneven splits; the teacher's padding rows cut before
 sharding) and compares what it gets with one process on the whole weights: every output field, the metrics,
 d hidden (the full gradient, or the shards' parts summed when ``reduce_hidden_grad=False``) and the shard's
-rows of d weight / d bias. Float64 at 1e-10 on the PyTorch path, float32 at 1e-4 under Triton's interpreter.
+rows of d weight / d bias. Float64 at 1e-10 on the PyTorch path, float32 and fp16 at 1e-4 under Triton's
+interpreter (against one process in the same dtype). The check_values=False layout rule, the device guard
+of every Triton launch and the torch shard ops' owned (row, k) pairs are tested here too.
 Each test runs many cases in one set of processes (spawning costs seconds) with a deadline (a hang fails).
 """
 

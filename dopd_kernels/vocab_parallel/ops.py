@@ -4,8 +4,8 @@ rows of the vocabulary, with no communication (the stages in ``losses.py`` call 
 The building blocks are the single-process path's: ``chunked_stats.linear_stats`` for the statistics,
 ``chunked_stats.scaled_logits`` for a chunk's logits (the model's ``LogitTransform`` applied; a bf16 shard
 converted per block of rows, never copied whole), ``chunked_losses._fold_full_grad`` for the gradients
-of full-support rows. The top-K rows work on the (row, k) pairs whose id this rank owns only (``OwnedPairs``). ``triton_ops.TritonShardOps`` has the same
-methods on the Triton kernels.
+of full-support rows. The top-K rows work on the (row, k) pairs whose id this rank owns only
+(``OwnedPairs``). ``triton_ops.TritonShardOps`` has the same methods on the Triton kernels.
 """
 
 from __future__ import annotations
