@@ -41,21 +41,26 @@ def _resolve_backend(backend: str, device: torch.device, config: Optional[RouteC
     return backend
 
 
-def _without_autocast(fn):
-    """Run the loss with autocast disabled for its first tensor's device (``devices.autocast_off``): the
-    inputs keep their dtypes and the loss's own numerics apply (fp32 accumulation) inside an autocast region."""
+def _without_autocast(first: str):
+    """Run the loss with autocast disabled for the device of its argument ``first`` (positional or keyword;
+    ``devices.autocast_off``): the inputs keep their dtypes and the loss's own numerics apply (fp32
+    accumulation) inside an autocast region."""
 
-    @functools.wraps(fn)
-    def wrapper(first, *args, **kwargs):
-        if not isinstance(first, Tensor):  # validation names the argument
-            return fn(first, *args, **kwargs)
-        with autocast_off(first.device):
-            return fn(first, *args, **kwargs)
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            x = args[0] if args else kwargs.get(first)
+            if not isinstance(x, Tensor):  # validation names the argument
+                return fn(*args, **kwargs)
+            with autocast_off(x.device):
+                return fn(*args, **kwargs)
 
-    return wrapper
+        return wrapper
+
+    return decorate
 
 
-@_without_autocast
+@_without_autocast("student_hidden")
 def routed_loss(
     student_hidden: Tensor,
     student_weight: Tensor,
@@ -165,7 +170,7 @@ def routed_loss(
     return chunked_routed_loss(*args, **kwargs)
 
 
-@_without_autocast
+@_without_autocast("student_logits")
 def routed_loss_from_logits(
     student_logits: Tensor,
     teacher_logits: Tensor,

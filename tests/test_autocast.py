@@ -40,7 +40,8 @@ def test_cpu_autocast_from_logits():
     for autocast in (False, True):
         leaf = zs.detach().clone().requires_grad_()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            out = routed_loss_from_logits(leaf, zt, zp, inp.target_ids, inp.mask, config=RouteConfig(top_k=6))
+            out = routed_loss_from_logits(student_logits=leaf, teacher_logits=zt, self_logits=zp,  # by keyword
+                                          target_ids=inp.target_ids, mask=inp.mask, config=RouteConfig(top_k=6))
             out.loss.backward()
         outs.append((out.loss.detach(), leaf.grad))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
