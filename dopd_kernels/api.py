@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional, Union
 
 import torch
 
 from .chunked import chunked_routed_loss
 from .config import RouteConfig
+from .devices import autocast_off
 from .output import RoutedLossOutput
 from .reference import reference_from_logits, reference_routed_loss
 from .selfcheck import CallShape, triton_agrees
@@ -39,6 +41,26 @@ def _resolve_backend(backend: str, device: torch.device, config: Optional[RouteC
     return backend
 
 
+def _without_autocast(first: str):
+    """Run the loss with autocast disabled for the device of its argument ``first`` (positional or keyword;
+    ``devices.autocast_off``): the inputs keep their dtypes and the loss's own numerics apply (fp32
+    accumulation) inside an autocast region."""
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            x = args[0] if args else kwargs.get(first)
+            if not isinstance(x, Tensor):  # validation names the argument
+                return fn(*args, **kwargs)
+            with autocast_off(x.device):
+                return fn(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
+@_without_autocast("student_hidden")
 def routed_loss(
     student_hidden: Tensor,
     student_weight: Tensor,
@@ -91,7 +113,10 @@ def routed_loss(
             same rows. Every rank gets what one process would on the concatenated weights (loss, per-token
             fields, metrics); the weight/bias gradients are the shard's rows of the full gradient. Collective:
             call it on every rank of the group; reading ``student_logprob`` may be one too (read it on every
-            rank). Independent of ``config.stats_group`` (data parallel); they combine.
+            rank). Independent of ``config.stats_group`` (data parallel); they combine. With
+            ``config.check_values=False`` the group's first call learns the shard sizes and later calls skip
+            that exchange: the sizes must then not change on the group (a rank whose shard changed raises;
+            see ``vocab_parallel/validate.py``).
         reduce_hidden_grad: with ``vocab_group``, True (default): the gradient of ``student_hidden`` is the full
             gradient on every rank (the op sums the shards' parts over the group). False: each rank gets its
             own shard's part, for callers whose tensor-parallel region all-reduces the input gradient itself
@@ -101,6 +126,9 @@ def routed_loss(
         RoutedLossOutput: ``loss`` (differentiable w.r.t. student_hidden, student_weight, student_bias)
         and per-token ``per_token_loss``, ``route``, ``adv_gap``, ``q_self``, ``q_teacher``,
         ``student_logprob``; ``metrics()`` for logging.
+
+    Under ``torch.autocast`` the loss computes with autocast disabled for the inputs' device: the inputs
+    keep their dtypes (bf16 hidden states stay bf16) and the loss's own numerics apply (fp32 accumulation).
     """
     config = as_config(config)
     if not isinstance(reduce_hidden_grad, bool):
@@ -142,6 +170,7 @@ def routed_loss(
     return chunked_routed_loss(*args, **kwargs)
 
 
+@_without_autocast("student_logits")
 def routed_loss_from_logits(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -156,7 +185,7 @@ def routed_loss_from_logits(
 
     Shapes: student_logits / self_logits (B, T, V) or (N, V); teacher_logits (..., Vt >= V), cut to V;
     target_ids, mask, hard_labels like the leading shape. Computes in float32 (float64 for float64
-    inputs) with autograd; the gradient flows into ``student_logits`` only.
+    inputs) with autograd, autocast disabled; the gradient flows into ``student_logits`` only.
     """
     config = as_config(config)
     valid = validate_logit_inputs(student_logits, teacher_logits, self_logits, target_ids, mask, hard_labels, config)

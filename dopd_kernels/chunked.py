@@ -21,14 +21,14 @@ from typing import Optional
 
 import torch
 
-from .attach import attach_grads
 from .chunked_losses import GradBuffers, Projection, student_full_rows, topk_rows
 from .chunked_stats import linear_stats
 from .config import RouteConfig
 from .transform import IDENTITY, LogitTransform
-from .output import RoutedLossOutput
+from .output import RoutedLossOutput, output_from_kept_rows
 from .reduction import reduction_weights
 from .routing import route_tokens
+from .topk import ties_may_cross_cut
 
 Tensor = torch.Tensor
 #: Tokens per statistics chunk = this x config.chunk_size (see chunked_routed_loss).
@@ -96,15 +96,19 @@ def chunked_routed_loss(
     # tokens, and larger GEMMs run closer to the BLAS peak.
     stats_chunk = STATS_CHUNK_FACTOR * config.chunk_size
     want = torch.is_grad_enabled()  # read before entering no_grad
+    # Whether each source's top-K meets exact ties (soft-cap, -inf biases): decided for both at once, before
+    # any GEMM is queued (one small host read on CUDA, only when a bias must be looked at).
+    ties = ties_may_cross_cut([(p.bias, p.transform.softcap is not None, k if name in topk_sources else 0)
+                               for name, p in (("self", self_proj), ("teacher", teacher))])
 
     with torch.no_grad():
         stats = {
             "self": linear_stats(h_p, self_proj.weight, self_proj.bias, y, inv_tau=inv_tau,
                                  top_k=k if "self" in topk_sources else 0, chunk_size=stats_chunk,
-                                 transform=self_proj.transform, dtype=cdtype),
+                                 transform=self_proj.transform, dtype=cdtype, exact_ties=ties[0]),
             "teacher": linear_stats(h_t, teacher.weight, teacher.bias, y, inv_tau=inv_tau,
                                     top_k=k if "teacher" in topk_sources else 0, chunk_size=stats_chunk,
-                                    transform=teacher.transform, dtype=cdtype),
+                                    transform=teacher.transform, dtype=cdtype, exact_ties=ties[1]),
         }
         source_logprob = {name: s.target_logprob for name, s in stats.items()}
         routing = route_tokens(source_logprob["self"], source_logprob["teacher"],
@@ -142,42 +146,14 @@ def chunked_routed_loss(
             )
         loss_value = (per_token * red_w).sum()
 
-    def scatter(values: Tensor, dtype: torch.dtype) -> Tensor:
-        out = torch.zeros(flat_valid.numel(), dtype=dtype, device=values.device)
-        return out.index_copy_(0, rows, values.to(dtype)).reshape(shape)
-
-    d_hidden = None
-    if grads.hidden is not None:
-        d_hidden = grads.hidden if every_row else torch.zeros(
-            flat_valid.numel(), hs, dtype=cdtype, device=h_s.device).index_copy_(0, rows, grads.hidden)
-        d_hidden = d_hidden.reshape(student_hidden.shape)
-    loss = attach_grads(
-        loss_value.to(student_hidden.dtype if student_hidden.dtype == torch.float64 else torch.float32),
-        d_hidden, grads.weight, grads.bias,  # converted by attach_grads (fp16: after the scaling by grad_output)
-        student_hidden, student_weight, student_bias,
-    )
-
-    missing = torch.isnan(student_logprob)
-
-    def lazy_logprob() -> Tensor:
+    def fill_logprob(todo: Tensor) -> Tensor:
         """Student log-probs of the rows the loss pass did not need the full softmax for."""
-        with torch.no_grad():
-            todo = missing.nonzero().squeeze(1)
-            fresh = linear_stats(h_s.index_select(0, todo), student.weight, student.bias, y.index_select(0, todo),
-                                 inv_tau=inv_tau, top_k=0, chunk_size=stats_chunk, transform=student.transform,
-                                 dtype=cdtype)
-            student_logprob.index_copy_(0, todo, fresh.target_logprob)
-            return scatter(student_logprob, cdtype)
+        return linear_stats(h_s.index_select(0, todo), student.weight, student.bias, y.index_select(0, todo),
+                            inv_tau=inv_tau, top_k=0, chunk_size=stats_chunk, transform=student.transform,
+                            dtype=cdtype).target_logprob
 
-    return RoutedLossOutput(
-        loss=loss,
-        per_token_loss=scatter(per_token, cdtype),
-        route=torch.full(shape, -1, dtype=torch.int64, device=route.device).reshape(-1).index_copy_(0, rows, route).reshape(shape),
-        adv_gap=scatter(routing.adv_gap, cdtype),
-        q_self=scatter(routing.q_self, cdtype),
-        q_teacher=scatter(routing.q_teacher, cdtype),
-        student_logprob=lazy_logprob,
-        thresholds=routing.thresholds,
-        watched=[t for t in (student_hidden, student_weight, student_bias) if t is not None],
+    return output_from_kept_rows(
+        shape=shape, rows=rows, loss_value=loss_value, per_token=per_token, routing=routing,
+        logprob=student_logprob, fill_logprob=fill_logprob, grads=grads, student_hidden=student_hidden,
+        student_weight=student_weight, student_bias=student_bias,
     )
-

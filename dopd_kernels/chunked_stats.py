@@ -4,7 +4,8 @@ For each chunk of C tokens the logits ``transform(h W^T + b) / tau`` (C x V) liv
 loop, so memory is O(C x V + N x K); a bf16/fp16 projection is converted to the fp32 compute dtype one
 block of vocabulary rows at a time, never as a whole. Cost per model: one N x H x V GEMM, one
 log-sum-exp pass and (when a top-K route reads this source) one top-K pass over N x V; a soft-cap adds
-a few elementwise passes and, for the top-K, the tie rule of ``topk.topk_lower_id``.
+a few elementwise passes. Where exact ties can cross the top-K cut (a soft-cap, or a bias with -inf
+entries: ``topk.ties_may_cross_cut``) the top-K takes the tie rule of ``topk.topk_lower_id``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from .topk import topk_lower_id
+from .topk import ties_may_cross_cut, topk_lower_id
 from .transform import IDENTITY, LogitTransform
 
 Tensor = torch.Tensor
@@ -107,6 +108,7 @@ def linear_stats(
     chunk_size: int,
     transform: LogitTransform = IDENTITY,
     dtype: Optional[torch.dtype] = None,
+    exact_ties: Optional[bool] = None,
 ) -> LinearStats:
     """Log-sum-exp, target logit and (if ``top_k`` > 0) top-K of ``transform(hidden @ weight.T + bias)``
     over the temperature, without N x V.
@@ -114,10 +116,13 @@ def linear_stats(
     hidden (N, H) any float dtype; weight (V, H) in the compute ``dtype`` (default: the weight's) or a
     narrower one (converted per block, see ``vocab_blocks``); bias (V,) in the compute dtype;
     targets (N,) int64 in [0, V). Outputs are in the compute dtype.
+    ``exact_ties``: whether the top-K must break exact ties by the project's rule (lower id), as the
+    reference does; None decides with ``topk.ties_may_cross_cut`` (a soft-cap, or enough -inf in the bias:
+    one host read on CUDA, which a caller deciding for several projections at once can batch). Elsewhere
+    ties are as rare as in the raw GEMM and plain topk is cheaper.
     """
-    # A soft-cap makes exact ties common (saturated logits): pick among them by the project's rule, as
-    # the reference does. Without one, ties are as rare as in the raw GEMM and plain topk is cheaper.
-    exact_ties = transform.softcap is not None
+    if exact_ties is None:
+        (exact_ties,) = ties_may_cross_cut([(bias, transform.softcap is not None, top_k)])
     n, dtype, device = hidden.shape[0], dtype or weight.dtype, weight.device
     lse = torch.empty(n, dtype=dtype, device=device)
     target_logit = torch.empty(n, dtype=dtype, device=device)
@@ -132,6 +137,7 @@ def linear_stats(
         elif top_k:
             torch.topk(z, top_k, dim=1, out=(topk_vals[start:stop], topk_idx[start:stop]))
         # log-sum-exp in place on the chunk we own: max, then exp(z - max) summed (no extra C x V buffer)
-        zmax = z.amax(dim=1, keepdim=True)
+        # a row of -inf only (a vocabulary shard masked whole) has log-sum-exp -inf, not -inf - -inf = NaN
+        zmax = z.amax(dim=1, keepdim=True).nan_to_num_(neginf=0.0)
         lse[start:stop] = z.sub_(zmax).exp_().sum(dim=1).log_().add_(zmax.squeeze(1))
     return LinearStats(lse, target_logit, topk_vals, topk_idx)

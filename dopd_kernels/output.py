@@ -7,6 +7,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from .config import ROUTES
+from .devices import autocast_off
 
 Tensor = torch.Tensor
 
@@ -59,7 +60,8 @@ class RoutedLossOutput:
                     "student_logprob: the student's hidden states or weights were modified in place after "
                     "routed_loss (an optimizer step?); read student_logprob before changing them"
                 )
-            self._logprob = self._logprob_fn()
+            with autocast_off(self.route.device):  # the loss's own numerics, as in the call that made it
+                self._logprob = self._logprob_fn()
             self._logprob_fn, self._watched = None, []
         return self._logprob
 
@@ -99,3 +101,68 @@ class RoutedLossOutput:
         device = values[0].device
         host = torch.stack([v.to(device) for v in values]).cpu().tolist()
         return dict(zip(names, host))
+
+
+def output_from_kept_rows(
+    *,
+    shape: torch.Size,
+    rows: Tensor,
+    loss_value: Tensor,
+    per_token: Tensor,
+    routing,
+    logprob: Tensor,
+    fill_logprob: Callable[[Tensor], Tensor],
+    grads,
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    student_bias: Optional[Tensor],
+) -> RoutedLossOutput:
+    """The output of a path that computed on the kept (valid) tokens only: their values scattered back to
+    ``shape`` (0 / route -1 elsewhere) and the gradients attached (``attach.attach_grads``).
+
+    rows (n,) the kept tokens' flat indices; per_token, logprob (n,) in the compute dtype, logprob NaN where
+    the loss pass did not form the student's full softmax: ``fill_logprob(positions)`` computes those on
+    first access (no grad); routing: ``routing.route_tokens``'s result on the kept tokens; grads: the path's
+    ``GradBuffers`` (d hidden over the kept rows).
+    """
+    from .attach import attach_grads
+
+    cdtype = per_token.dtype
+    total = shape.numel()
+    every_row = rows.numel() == total
+
+    def scatter(values: Tensor) -> Tensor:
+        out = torch.zeros(total, dtype=cdtype, device=values.device)
+        return out.index_copy_(0, rows, values.to(cdtype)).reshape(shape)
+
+    d_hidden = None
+    if grads.hidden is not None:
+        d_hidden = grads.hidden if every_row else grads.hidden.new_zeros(total, grads.hidden.shape[1]).index_copy_(
+            0, rows, grads.hidden)
+        d_hidden = d_hidden.reshape(student_hidden.shape)
+    loss = attach_grads(
+        loss_value.to(student_hidden.dtype if student_hidden.dtype == torch.float64 else torch.float32),
+        d_hidden, grads.weight, grads.bias,  # converted by attach_grads (fp16: after the scaling by grad_output)
+        student_hidden, student_weight, student_bias,
+    )
+
+    def lazy_logprob() -> Tensor:
+        """The student's log-probs, those the loss pass did not compute filled in first."""
+        with torch.no_grad():
+            todo = torch.isnan(logprob).nonzero().squeeze(1)
+            logprob.index_copy_(0, todo, fill_logprob(todo).to(cdtype))
+            return scatter(logprob)
+
+    route = routing.route
+    return RoutedLossOutput(
+        loss=loss,
+        per_token_loss=scatter(per_token),
+        route=torch.full((total,), -1, dtype=torch.int64, device=route.device).index_copy_(0, rows, route).reshape(
+            shape),
+        adv_gap=scatter(routing.adv_gap),
+        q_self=scatter(routing.q_self),
+        q_teacher=scatter(routing.q_teacher),
+        student_logprob=lazy_logprob,
+        thresholds=routing.thresholds,
+        watched=[t for t in (student_hidden, student_weight, student_bias) if t is not None],
+    )

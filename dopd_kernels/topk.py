@@ -2,16 +2,46 @@
 
 ``torch.topk`` leaves the choice among equal values at the cut unspecified (on the CPU it depends on
 the heap order, so a chunk and the full tensor may pick different ids). Raw logits from a GEMM almost
-never tie, but a soft-cap saturates: every logit far above the cap becomes exactly ``softcap``, and the
-source's top-K then depends on the tie rule. The Triton kernels, the reference and the PyTorch path for
-soft-capped sources all use this rule, so they pick the same ids.
+never tie, but two things make ties common: a soft-cap saturates (every logit far above the cap becomes
+exactly ``softcap``), and a bias of -inf (a masked vocabulary entry) makes its logit -inf in every row, so
+that when K exceeds the finite count the cut falls among -inf ids. The source's top-K then depends on the
+tie rule. The Triton kernels and the reference always use this rule; the PyTorch path uses it wherever
+``ties_may_cross_cut`` says such ties are possible, so all pick the same ids.
 """
 
 from __future__ import annotations
 
+from typing import Optional, Sequence
+
 import torch
 
 Tensor = torch.Tensor
+
+
+def ties_may_cross_cut(cases: Sequence[tuple[Optional[Tensor], bool, int]]) -> list[bool]:
+    """For each (bias (V,) or None, soft-capped, k) of a projection whose top-k is taken over its V rows:
+    whether exact ties can cross the cut, so that ``topk_lower_id`` must pick (True for a soft-cap; for a
+    bias with more than V - k entries at -inf, where the k-th logit of every row is -inf; k = 0: no top-k).
+
+    One host read for all cases together, and only when some bias must be looked at (free on the CPU; on
+    CUDA call it before queueing heavy work, so that the read waits for nothing else).
+    """
+    flags: list[Optional[bool]] = []
+    pending = []
+    for bias, softcapped, k in cases:
+        if not k:
+            flags.append(False)
+        elif softcapped:
+            flags.append(True)
+        elif bias is None or k >= bias.shape[0]:  # finite logits, or everything is selected
+            flags.append(False)
+        else:
+            flags.append(None)
+            pending.append(torch.isneginf(bias).sum() > bias.shape[0] - k)
+    if pending:
+        read = iter(torch.stack(pending).tolist())
+        flags = [next(read) if f is None else f for f in flags]
+    return flags
 
 
 def topk_lower_id(z: Tensor, k: int) -> tuple[Tensor, Tensor]:

@@ -3,9 +3,9 @@
 Run as a script (``python tests/_triton_launches.py OUT.json [WORKERS]``) with ``TRITON_INTERPRET`` unset:
 it runs ``routed_loss(backend="triton")`` on CPU tensors over the scenarios below (every preset, CE on and
 off, custom route tables, bf16 / fp16 / fp32, biases, the two-pass statistics mode, with and without
-gradients, a ragged shape, a long batch, an odd chunk size; and soft-capped models, whose kernels are
-variants of their own) with the GPU tile sizes (``blocks.GPU_BLOCKS`` stands in for the interpreter
-tiles). Each kernel launch is not executed but handed to Triton's own launcher in warm-up mode against a
+gradients, a ragged shape, a long batch, an odd chunk size; soft-capped models, whose kernels are
+variants of their own; and the vocabulary-parallel path on a one-rank gloo group) with the GPU tile sizes
+(``blocks.GPU_BLOCKS`` stands in for the interpreter tiles). Each kernel launch is not executed but handed to Triton's own launcher in warm-up mode against a
 stand-in driver whose target is sm_90: Triton binds the arguments
 exactly as for a real launch (16-divisibility of pointers and ints, strides equal to 1 as constants),
 compiles each specialization once (its in-memory and on-disk caches dedupe the rest) and returns it;
@@ -111,10 +111,13 @@ CUSTOM_TABLES = {
 
 
 def scenarios():
-    """(name, config, dtype, grad, bias, impl, shape, transforms) for the sweep."""
+    """(name, config, dtype, grad, bias, impl, shape, transforms, sharded) for the sweep; ``sharded``: run the
+    vocabulary-parallel path on a one-rank gloo group (its shard is the whole vocabulary)."""
     for scenario in _identity_scenarios():
-        yield scenario + ({},)
-    yield from _softcap_scenarios()
+        yield scenario + ({}, False)
+    for scenario in _softcap_scenarios():
+        yield scenario + (False,)
+    yield from _vocab_parallel_scenarios()
 
 
 def _identity_scenarios():
@@ -172,6 +175,38 @@ def _softcap_scenarios():
                     continue  # its bias-free statistics / GEMM variants are the other two tables'
                 yield f"{name} softcap", config, dtype, "all", bias, "fused", ALIGNED, gemma
     yield "dopd softcap two-pass", RouteConfig.preset("dopd"), torch.bfloat16, "all", True, "two_pass", ALIGNED, gemma
+
+
+def _vocab_parallel_scenarios():
+    """The vocabulary-parallel Triton path (``vocab_group=``), whose launches are its own: the shard's logit and
+    gradient GEMMs, and the gather / scatter kernels that skip other ranks' ids (constexpr SKIP_NEGATIVE), in
+    every dtype, with and without biases. opsd with CE puts every token in a full-support chunk (the CE term)
+    and on a top-K route, so every kernel launches whatever the uninitialized statistics say; and one
+    soft-capped run (the transform in the shard's GEMM epilogue)."""
+    from dopd_kernels import LogitTransform, RouteConfig
+
+    opsd = RouteConfig.preset("opsd", ce_weight=0.1)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for bias in (False, True):
+            yield "opsd ce=0.1 vocab-parallel", opsd, dtype, "all", bias, "fused", ALIGNED, {}, True
+    capped = dict(student_transform=LogitTransform(softcap=30.0), teacher_transform=LogitTransform(softcap=30.0))
+    yield ("dopd ce=0.1 softcap vocab-parallel", RouteConfig.preset("dopd", ce_weight=0.1), torch.bfloat16, "all",
+           True, "fused", ALIGNED, capped, True)
+
+
+@contextlib.contextmanager
+def _one_rank_group():
+    """A one-process gloo group for the vocabulary-parallel scenarios (torch.distributed, file rendezvous)."""
+    import tempfile
+
+    import torch.distributed as dist
+
+    with tempfile.TemporaryDirectory(prefix="dopd-sweep-") as tmp:
+        dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=0, world_size=1)
+        try:
+            yield dist.group.WORLD
+        finally:
+            dist.destroy_process_group()
 
 
 class _TimedExecutor(ThreadPoolExecutor):
@@ -253,7 +288,8 @@ def main(out_path: str, workers: int = 2) -> None:
         if executor is not None:
             stack.enter_context(executor)
             stack.enter_context(AsyncCompileMode(executor, ignore_errors=True))
-        for name, config, dtype, grad, bias, impl, shape, transforms in scenarios():
+        group = None
+        for name, config, dtype, grad, bias, impl, shape, transforms, sharded in scenarios():
             where[0] = (f"{name} {str(dtype).split('.')[-1]} grad={grad} bias={bias} {impl} V={shape['vocab']}"
                         + (" softcap" if transforms else ""))
             gpu = dataclasses.replace(blocks.GPU_BLOCKS, stats_impl=impl)
@@ -267,6 +303,12 @@ def main(out_path: str, workers: int = 2) -> None:
                     t["student_bias"].requires_grad_(grad == "all")
             labels = torch.where(mask, target, 0) if config.ce_weight > 0 else None
             config = config.replace(chunk_size=shape["chunk"])
+            if sharded:  # one shard of the whole vocabulary: the teacher's padding rows cut, as the path asks
+                group = group or stack.enter_context(_one_rank_group())
+                for key in ("teacher_weight", "teacher_bias"):
+                    if key in t:
+                        t[key] = t[key][:shape["vocab"]]
+                transforms = dict(transforms, vocab_group=group)
             with torch.set_grad_enabled(grad != "none"):
                 out = routed_loss(t.pop("student_hidden"), t.pop("student_weight"), t.pop("teacher_hidden"),
                                   t.pop("teacher_weight"), t.pop("self_hidden"), target, mask, hard_labels=labels,

@@ -8,6 +8,7 @@ rank holds the whole weights too) and return errors and fingerprints, which the 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import tempfile
@@ -20,6 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from _inputs import make_inputs, rel_err
+from _launch_guard import record_launch_guards, unguarded
 
 FIELDS = ("per_token_loss", "adv_gap", "q_self", "q_teacher", "student_logprob")
 
@@ -142,7 +144,25 @@ def problem(case: dict, vocab: int):
         inp.extra["self_weight"] = inp.student_weight + 0.1 * torch.randn(inp.student_weight.shape, generator=g,
                                                                            dtype=inp.student_weight.dtype)
         inp.extra["self_bias"] = inp.student_bias - 0.2
+    if case.get("masked_vocab"):  # -inf biases: K exceeds the finite count, the top-K cut falls among -inf ties
+        mask_vocabulary(inp, vocab)
     return inp
+
+
+#: A route table whose top-K routes read sources with -inf biases where the student is finite (fkl / jsd: the
+#: student's mass on the ids picked at the cut counts, so the tie rule decides the loss).
+MASKED_VOCAB_ROUTES = (("teacher", "fkl", "topk", 1.0), ("self", "jsd", "topk", 0.5), ("teacher", "jsd", "topk", 1.0),
+                       ("self", "fkl", "topk", 0.7))
+
+
+def mask_vocabulary(inp, vocab: int) -> None:
+    """The teacher keeps ids 0..4 finite and a privileged self pass with its own head (the student's weights)
+    ids 0..6; the student stays finite everywhere; the targets are ids 0..4 (finite under every model)."""
+    inp.teacher_bias[5:vocab] = float("-inf")
+    inp.extra["self_weight"] = inp.student_weight.clone()
+    inp.extra["self_bias"] = inp.student_bias.clone()
+    inp.extra["self_bias"][7:] = float("-inf")
+    inp.target_ids = torch.where(inp.mask, inp.target_ids % 5, -100) if inp.mask is not None else inp.target_ids % 5
 
 
 # -------------------------------------------------------------------------------------------- workers
@@ -154,9 +174,12 @@ def _whole(inp) -> dict:
                 self_bias=inp.extra.get("self_bias"))
 
 
-def _config(case: dict):
+def case_config(case: dict):
+    """The case's RouteConfig: a preset, or a custom route table (``routes``), with ``config`` overrides."""
     from dopd_kernels import RouteConfig
 
+    if "routes" in case:
+        return RouteConfig(routes=case["routes"], **case.get("config", {}))
     return RouteConfig.preset(case["preset"], **case.get("config", {}))
 
 
@@ -165,7 +188,8 @@ def equivalence_worker(rank: int, world: int, sizes: list[int], cases: list[dict
 
     Case keys: preset, config (RouteConfig overrides), backend, dtype, transforms (routed_loss keywords),
     reduce_hidden_grad, module (use RoutedDistillationLoss), singleton (a group of this rank alone, whole
-    weights), self_weight, mask_frac, lead, seed.
+    weights), self_weight, mask_frac, lead, seed, masked_vocab (-inf biases), routes (a custom table),
+    record_launches (Triton: note the device guard of every launch, ``_launch_guard.py``).
     """
     from dopd_kernels.vocab_parallel import comm
 
@@ -176,15 +200,17 @@ def equivalence_worker(rank: int, world: int, sizes: list[int], cases: list[dict
         if case.get("singleton"):
             part_sizes, part_rank, group = [sum(sizes)], 0, singles[rank]
         inp = problem(case, sum(sizes))
-        config = _config(case)
+        config = case_config(case)
         backend = case.get("backend", "torch")
         options = dict(case.get("transforms", {}))
         ref = run_loss(inp, _whole(inp), config=config, backend=backend, **options)
         reduce = case.get("reduce_hidden_grad", True)
         comm.TRAFFIC.clear()
-        out = run_loss(inp, sharded_inputs(inp, part_sizes, part_rank), config=config, backend=backend, group=group,
-                       module=case.get("module", False), reduce_hidden_grad=reduce, **options)
-        traffic = dict(comm.TRAFFIC)
+        with record_launch_guards() if case.get("record_launches") else contextlib.nullcontext() as launches:
+            out = run_loss(inp, sharded_inputs(inp, part_sizes, part_rank), config=config, backend=backend,
+                           group=group, module=case.get("module", False), reduce_hidden_grad=reduce, **options)
+            traffic = dict(comm.TRAFFIC)  # the loss's own (bench/vocab_parallel.py predicts it)
+            out[0].student_logprob  # the lazy pass: launches too
         grads = list(out[1:])
         extra = {}
         if not reduce:  # this shard's part only: the parts sum to the full gradient, and a part is not it
@@ -192,6 +218,9 @@ def equivalence_worker(rank: int, world: int, sizes: list[int], cases: list[dict
             grads[0] = grads[0].clone()
             dist.all_reduce(grads[0], group=group)
         errors = compare(out[0], ref[0], grads, ref[1:], part_sizes, part_rank)
+        if launches is not None:
+            extra["launches"] = [name for name, _, _ in launches]
+            extra["unguarded"] = unguarded(launches)
         results.append(dict(errors=errors, extra=extra, traffic=traffic, fingerprint=fingerprint(out[0], grads),
                             route=out[0].route, hidden=inp.student_hidden.shape[-1],
                             n_valid=int((out[0].route >= 0).sum())))
@@ -209,7 +238,7 @@ def grid_worker(rank: int, world: int, sizes: list[int], cases: list[dict]) -> l
     results = []
     for case in cases:
         inp = problem(case, sum(sizes))
-        config = _config(case)
+        config = case_config(case)
         whole = run_loss(inp, _whole(inp), config=config, backend="torch")
         half = slice(dp * inp.target_ids.shape[0] // 2, (dp + 1) * inp.target_ids.shape[0] // 2)
         for name in ("student_hidden", "teacher_hidden", "self_hidden", "target_ids", "mask", "hard_labels"):
@@ -280,3 +309,41 @@ def bad_input_worker(rank: int, world: int, sizes: list[int], cases: list[str]) 
     out = run_loss(inp, sharded_inputs(inp, sizes, rank), config=config, backend="torch", group=dist.group.WORLD)
     messages.append(float(out[0].loss))
     return messages
+
+
+def trusted_layout_worker(rank: int, world: int, sizes: list[int]) -> list:
+    """``check_values=False``: the shard sizes learnt by a group's first call, and what a later call whose
+    shards changed does. Returns, per step, this rank's (ValueError message or relative loss error, elements
+    this rank contributed to collectives); a step only some ranks take is run on those ranks alone (the
+    others would rightly wait in the loss's collectives)."""
+    from dopd_kernels import RouteConfig
+    from dopd_kernels.vocab_parallel import comm
+
+    trusted = RouteConfig.preset("dopd", top_k=8, ce_weight=0.1, check_values=False)
+    other_group = dist.new_group(list(range(world)))  # every rank creates it, in the same order
+
+    def step(shard_sizes, config=trusted, group=dist.group.WORLD, breaks=None):
+        inp = problem({}, sum(shard_sizes))
+        weights = sharded_inputs(inp, shard_sizes, rank)
+        if breaks == "teacher_short":
+            weights["teacher_weight"] = weights["teacher_weight"][:-1]
+            weights["teacher_bias"] = weights["teacher_bias"][:-1]
+        ref = run_loss(inp, _whole(inp), config=config, backend="torch")
+        comm.TRAFFIC.clear()
+        try:
+            out = run_loss(inp, weights, config=config, backend="torch", group=group)
+            result = rel_err(out[0].loss, ref[0].loss)
+        except ValueError as exc:
+            result = f"ValueError: {exc}"
+        return result, sum(comm.TRAFFIC.values())
+
+    moved = [sizes[0] + 1, sizes[1] - 1] + sizes[2:]  # every rank's own size changes
+    shrunk = sizes[:-1] + [sizes[-1] - 1]  # only the last rank's does
+    results = {"first": step(sizes), "again": step(sizes), "moved": step(moved)}
+    if rank == world - 1:
+        results["shrunk"] = step(shrunk)
+        results["local_error"] = step(sizes, breaks="teacher_short")
+    results["other_group"] = step(shrunk, group=other_group)  # a group's first call: exchanged, correct
+    results["recheck"] = step(shrunk, config=trusted.replace(check_values=True))
+    results["after_recheck"] = step(shrunk)
+    return results

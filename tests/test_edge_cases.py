@@ -5,7 +5,7 @@ import torch
 
 from dopd_kernels import RouteConfig, RoutedDistillationLoss, routed_loss, routed_loss_from_logits
 
-from _inputs import make_inputs, rel_err, run_backend
+from _inputs import assert_outputs_close, make_inputs, rel_err, run_backend
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch"])
@@ -111,6 +111,38 @@ def test_minus_inf_vocabulary_entries_are_masked_not_nan(preset):
                                  inp.target_ids, inp.mask, config=cfg)
     lo.loss.backward()
     assert torch.isfinite(zs.grad).all()
+
+
+def test_top_k_cut_among_minus_inf_biases_takes_the_lower_ids():
+    """No soft-cap, -inf biases (a masked vocabulary) and K above the finite count: the top-K cut falls among
+    -inf ids; on fkl / jsd top-K routes the student's mass on the ids picked there counts, so every backend
+    must take the lower ids (before the fix the PyTorch path took others: 0.13 relative error in the loss)."""
+    from _vocab_parallel import MASKED_VOCAB_ROUTES, mask_vocabulary
+
+    inp = make_inputs(vt=40, mask_frac=0.1, logit_scale=2.0)
+    mask_vocabulary(inp, 37)  # 5 finite teacher ids, 7 finite self ids; K = 9
+    cfg = RouteConfig(routes=MASKED_VOCAB_ROUTES, top_k=9, chunk_size=4)
+    ref = run_backend(inp, "reference", cfg)
+    out = run_backend(inp, "torch", cfg)
+    assert all((ref[0].route == rid).any() for rid in range(4))
+    assert_outputs_close(out[0], ref[0], out[1:], ref[1:], tol=1e-12)
+    pytest.importorskip("triton")
+    fp32 = make_inputs(vt=40, mask_frac=0.1, logit_scale=2.0, dtype=torch.float32)
+    mask_vocabulary(fp32, 37)
+    tri = run_backend(fp32, "triton", cfg)
+    assert_outputs_close(tri[0], ref[0], tri[1:], ref[1:], tol=1e-5)
+
+
+def test_tie_rule_is_used_where_ties_can_cross_the_cut():
+    """topk.ties_may_cross_cut: a soft-cap, or a bias with more than V - k entries at -inf; never without a
+    top-K, a bias, or when everything is selected."""
+    from dopd_kernels.topk import ties_may_cross_cut
+
+    bias = torch.zeros(10)
+    bias[:3] = float("-inf")  # 7 finite
+    cases = [(None, False, 4), (None, True, 4), (bias, False, 0), (bias, True, 0), (bias, False, 7), (bias, False, 8),
+             (bias, False, 10), (torch.zeros(10), False, 9)]
+    assert ties_may_cross_cut(cases) == [False, True, False, False, False, True, False, False]
 
 
 def test_backward_twice_with_retain_graph():

@@ -11,19 +11,22 @@ import torch
 
 pytest.importorskip("triton")
 
-from dopd_kernels import RouteConfig, api, selfcheck  # noqa: E402
+from dopd_kernels import LogitTransform, RouteConfig, api, selfcheck  # noqa: E402
+from dopd_kernels.transform import IDENTITY  # noqa: E402
 
 # The interpreter evaluates masked-out lanes too (log(0) there): numpy RuntimeWarnings, never used values.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 CUDA0 = torch.device("cuda", 0)
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TINY = (2, 7, 16, 24, 37, 3)  # sequences, tokens, Hs, Ht, V, teacher padding: quick under the interpreter
+ROUTED = (2, 32, 16, 24, 37, 3)  # enough tokens (~58 valid) that one flipped route is a near-tie (< 2 %)
 
 
 @pytest.fixture
 def fresh(monkeypatch):
     """No cached verdicts, Triton 'available', no capture, the check enabled."""
     monkeypatch.setattr(selfcheck, "_results", {})
+    monkeypatch.setattr(selfcheck, "_failed", set())
     monkeypatch.setattr(api, "_triton_available", lambda: True)
     monkeypatch.setattr(selfcheck, "_capturing", lambda device: False)
     monkeypatch.delenv(selfcheck.ENV_VAR, raising=False)
@@ -94,6 +97,92 @@ def test_agreement_is_cached_per_device(fresh):
         assert api._resolve_backend("auto", torch.device("cuda", 1), None, torch.float32) == "triton"
     assert calls == [CUDA0, torch.device("cuda", 1)]
     assert api._resolve_backend("auto", torch.device("cpu"), None, torch.float32) == "torch"
+
+
+def test_each_kernel_variant_is_checked_once(fresh):
+    """The verdict of a first call under no_grad, fp32, no transform does not vouch for later calls that compile
+    other variants (gradients, bf16, a soft-cap, a bias, other route kinds, CE, K); knobs the kernels read at run
+    time (route weights, temperature, chunk_size, a multiplier-only transform) reuse it."""
+    calls = []
+    fresh.setattr(selfcheck, "check", lambda device, config, dtype, call: calls.append((config, dtype, call)))
+    dopd = RouteConfig.preset("dopd")
+    none = selfcheck.CallShape(grad_hidden=False, grad_weight=False, grad_bias=False)
+    capped = (LogitTransform(softcap=30.0), IDENTITY, LogitTransform(softcap=30.0))
+    new_variants = [
+        (dopd, torch.float32, none),  # the first call: no gradients
+        (dopd, torch.float32, selfcheck.CallShape()),  # gradients
+        (dopd, torch.bfloat16, selfcheck.CallShape()),  # another dtype
+        (dopd, torch.bfloat16, selfcheck.CallShape(transforms=capped)),  # soft-capped student / self
+        (dopd, torch.bfloat16, selfcheck.CallShape(teacher_bias=True)),  # a teacher bias
+        (RouteConfig.preset("gkd"), torch.bfloat16, selfcheck.CallShape()),  # other route kinds
+        (dopd.replace(ce_weight=0.1), torch.bfloat16, selfcheck.CallShape()),  # CE on
+        (dopd.replace(top_k=64), torch.bfloat16, selfcheck.CallShape()),  # K: a constexpr of the statistics kernel
+    ]
+    same_variants = [
+        (dopd.replace(beta_light=0.9, temperature=1.5, chunk_size=512, trim=0.1), torch.bfloat16,
+         selfcheck.CallShape()),
+        (dopd, torch.bfloat16, selfcheck.CallShape(transforms=(LogitTransform(scale=0.5), IDENTITY, IDENTITY))),
+        (RouteConfig.preset("gkd", top_k=64), torch.bfloat16, selfcheck.CallShape()),  # no top-K route: K unused
+    ]
+    for config, dtype, call in new_variants + same_variants + new_variants:
+        assert api._resolve_backend("auto", CUDA0, config, dtype, call) == "triton"
+    assert calls == new_variants
+
+
+def test_a_failed_variant_sends_the_whole_device_to_torch(fresh):
+    calls = []
+    def check(device, config, dtype, call):
+        calls.append(dtype)
+        return "d weight differs" if dtype == torch.float16 else None
+
+    fresh.setattr(selfcheck, "check", check)
+    dopd = RouteConfig.preset("dopd")
+    assert api._resolve_backend("auto", CUDA0, dopd, torch.bfloat16) == "triton"
+    with pytest.warns(RuntimeWarning, match="d weight differs"):
+        assert api._resolve_backend("auto", CUDA0, dopd, torch.float16) == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one warning per device
+        assert api._resolve_backend("auto", CUDA0, dopd, torch.bfloat16) == "torch"  # vouched for before
+        assert api._resolve_backend("auto", CUDA0, dopd, torch.float32) == "torch"  # not checked at all
+    assert api._resolve_backend("auto", torch.device("cuda", 1), dopd, torch.bfloat16) == "triton"
+    assert calls == [torch.bfloat16, torch.float16, torch.bfloat16]
+
+
+def _flip_routes(monkeypatch, grad_factor: float = 1.0):
+    """The Triton path as it is, except that one valid token's route is flipped (a near-tie) and, when
+    ``grad_factor`` != 1, the gradients are scaled by it while the loss value stays (a gradient kernel bug)."""
+    import dopd_kernels.triton as tri
+
+    real = tri.triton_routed_loss
+
+    def flipped(*args, **kwargs):
+        out = real(*args, **kwargs)
+        route = out.route.clone().reshape(-1)
+        first = int((route >= 0).nonzero()[0])
+        route[first] = (route[first] + 1) % 4
+        out.route = route.reshape(out.route.shape)
+        out.loss = out.loss + (grad_factor - 1.0) * (out.loss - out.loss.detach())
+        return out
+
+    monkeypatch.setattr(tri, "triton_routed_loss", flipped)
+
+
+@pytest.mark.parametrize("preset", ["dopd", "vanilla_opd_sampled"])
+def test_routes_that_differ_still_get_loss_and_gradients_compared(monkeypatch, preset):
+    """Near-ties that flip a token's route no longer skip the gradient comparison: it runs on route-insensitive
+    tables (one per route kind of the call's) and finds a 1 % gradient error (before: unnoticed)."""
+    config = RouteConfig.preset(preset, ce_weight=0.1)
+    assert len(selfcheck.route_insensitive_tables(config)) == len({(s.source, s.divergence, s.support)
+                                                                  for s in config.routes})
+    _flip_routes(monkeypatch, grad_factor=1.01)
+    problem = selfcheck.check(DEVICE, config, torch.float32, shape=ROUTED)
+    assert problem is not None and "d hidden differs" in problem and "every route" in problem, problem
+
+
+def test_routes_that_differ_alone_pass(monkeypatch):
+    """Flipped routes with right kernels: the route-insensitive comparisons agree, no false alarm."""
+    _flip_routes(monkeypatch)
+    assert selfcheck.check(DEVICE, RouteConfig.preset("dopd"), torch.float32, shape=ROUTED) is None
 
 
 def test_the_environment_switch_skips_the_check(fresh):

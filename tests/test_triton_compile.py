@@ -1,8 +1,10 @@
 """Every kernel variant the Triton path really launches compiles for Hopper (sm_90), without a GPU.
 
 ``tests/_triton_launches.py`` runs the launcher over every preset, CE on and off, custom route tables,
-bf16 / fp16 / fp32, biases, the two-pass statistics mode, with and without gradients, a few shapes and
-soft-capped models (their own kernel variants), with the GPU tile sizes, and hands each launch to Triton's own launcher in warm-up mode for an sm_90
+bf16 / fp16 / fp32, biases, the two-pass statistics mode, with and without gradients, a few shapes,
+soft-capped models (their own kernel variants) and the vocabulary-parallel path on a one-rank gloo group
+(its gathers / scatters that skip other ranks' ids), with the GPU tile sizes, and hands each launch to
+Triton's own launcher in warm-up mode for an sm_90
 target: Triton binds the real specializations (16-divisibility, strides equal to 1) and compiles each
 unique variant once (PTX, then its bundled ptxas). Then, per variant: it compiled to a cubin; its shared
 memory fits Hopper's 227 KB; GEMM tiles in bf16 / fp16 use wgmma (a 32-row tile would silently fall back
@@ -13,7 +15,9 @@ subprocess (tests/conftest.py turns the interpreter on here), compiling in 2 thr
 variants (126 before soft-caps) took 7.4 min with 2 compile threads and 8.1 min serially (Triton 3.9, a
 2-core machine at load 7-8, 2026-11-30: no idle core for the second thread; Triton's LLVM step and ptxas
 release the GIL, so a quiet machine gains more); the 126 took 5.5 min (3.9) to 8.5 min (3.6) on a less
-busy day. Triton's on-disk cache (~/.triton/cache) makes later runs ~1.5 min.
+busy day. Triton's on-disk cache (~/.triton/cache) makes later runs ~1.5 min. The vocabulary-parallel
+scenarios add 31 variants (188 in all; their 7 runs took 87 s with partly warm caches on the same busy
+machine, 2026-11-30); with a warm cache the whole set took 57 s.
 """
 
 import json
@@ -111,6 +115,18 @@ def test_every_preset_launched_its_rows_kernel(launch_set):
     no_source = [c for c in rows if c["HAS_T"] == "False" and c["HAS_P"] == "False"]
     assert any(c["HAS_SAMPLED"] == "True" for c in no_source)  # vanilla_opd_sampled, all-sampled tables
     assert any(c["HAS_CE"] == "True" and c["HAS_SAMPLED"] == "False" for c in no_source)  # opsd + CE
+
+
+def test_vocabulary_parallel_variants_are_in_the_set(launch_set):
+    """The vocabulary-parallel path's gather / scatter kernels skip other ranks' ids (SKIP_NEGATIVE) in every dtype,
+    with and without a bias; the single-process path never launches that variant. Every check above covers them."""
+    topk = [v for v in launch_set["variants"] if v["kernel"] in ("_gather_logits_kernel", "_scatter_grad_kernel")]
+    skipping = {(v["kernel"], v["signature"]["h_ptr"], v["constexprs"].get("HAS_BIAS", v["constexprs"].get("WANT_DB")))
+                for v in topk if v["constexprs"]["SKIP_NEGATIVE"] == "True"}
+    assert skipping == {(kernel, f"*{d}", b) for kernel in ("_gather_logits_kernel", "_scatter_grad_kernel")
+                        for d in ("bf16", "fp16", "fp32") for b in ("True", "False")}, skipping
+    assert all("vocab-parallel" in v["scenario"] for v in topk if v["constexprs"]["SKIP_NEGATIVE"] == "True")
+    assert any(v["constexprs"]["SKIP_NEGATIVE"] == "False" for v in topk)
 
 
 def _softcap(v):

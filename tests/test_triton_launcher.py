@@ -17,7 +17,7 @@ from dopd_kernels import RouteConfig  # noqa: E402
 from dopd_kernels.triton import interpreter_compat, tables  # noqa: E402
 from dopd_kernels.triton.blocks import blocks_for  # noqa: E402
 from dopd_kernels.triton.full_support import KIND_JSD, Model, student_full_rows  # noqa: E402
-from dopd_kernels.triton.function import device_guard  # noqa: E402
+from dopd_kernels.devices import device_guard  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="counts the interpreter's accesses")
@@ -163,6 +163,66 @@ def test_launches_run_under_the_tensors_device():
     guard = device_guard(torch.device("cuda", 1))
     assert isinstance(guard, torch.cuda.device) and guard.idx == 1
     assert isinstance(device_guard(torch.device("cpu")), contextlib.nullcontext)
+
+
+@interpreted
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_vocab_parallel_topk_kernels_touch_owned_ids_only(with_bias):
+    """The gather / scatter kernels with skip_negative (vocabulary-parallel: ids < 0 are other ranks'): those
+    pairs load no weight row and add no atomics (before: clamped to local row 0, their loads and zero atomics
+    went to W[0] / d W[0], ~(ranks - 1) / ranks of N K Hs); the owned pairs' values and gradients as dense torch."""
+    from dopd_kernels.triton.topk import gather_logits, scatter_grad
+
+    g = torch.Generator().manual_seed(3)
+    n, k, hidden, vocab = 6, 5, 20, 11
+    h, w = torch.randn(n, hidden, generator=g), torch.randn(vocab, hidden, generator=g)
+    b = torch.randn(vocab, generator=g) if with_bias else None
+    ids = torch.stack([torch.randperm(vocab, generator=g)[:k] for _ in range(n)])
+    owned = torch.rand(n, k, generator=g) < 0.4
+    masked = torch.where(owned, ids, -1)
+    on, blocks = torch.ones(n, dtype=torch.bool), blocks_for(torch.device("cpu"))
+    dz = torch.randn(n, k, generator=g)
+    grads = {"hidden": torch.zeros(n, hidden), "weight": torch.zeros(vocab, hidden),
+             "bias": torch.zeros(vocab) if with_bias else None}
+    tensors = dict(weight=w, d_weight=grads["weight"]) | (dict(bias=b, d_bias=grads["bias"]) if with_bias else {})
+    with count_accesses(**tensors) as counts:
+        z = gather_logits(h, w, b, masked, on, 1.0, blocks, skip_negative=True)
+        scatter_grad(dz, h, w, masked, on, grads, blocks, skip_negative=True)
+    pairs = int(owned.sum())
+    assert 0 < pairs < n * k
+    expect = dict(weight=2 * pairs * hidden, d_weight=pairs * hidden) | (dict(bias=pairs, d_bias=pairs) if with_bias
+                                                                          else {})
+    assert counts == expect  # gather + scatter each read an owned row once; one atomic per owned element
+    wd = w.double()
+    dense_z = torch.einsum("nkh,nh->nk", wd[ids], h.double()) + (0.0 if b is None else b.double()[ids])
+    torch.testing.assert_close(z.double(), torch.where(owned, dense_z, 0.0), rtol=1e-5, atol=1e-5)
+    dense = torch.zeros(n, vocab, dtype=torch.float64).scatter_(1, ids, torch.where(owned, dz, 0.0).double())
+    torch.testing.assert_close(grads["hidden"].double(), dense @ wd, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads["weight"].double(), dense.T @ h.double(), rtol=1e-5, atol=1e-5)
+    if with_bias:
+        torch.testing.assert_close(grads["bias"].double(), dense.sum(0), rtol=1e-5, atol=1e-5)
+
+
+@interpreted
+def test_every_launch_of_the_single_process_path_is_guarded():
+    """Every kernel launch (statistics, GEMMs, rows, gather / scatter, the lazy statistics pass) runs inside a
+    guard of its tensors' device; the vocabulary-parallel path: tests/test_vocab_parallel.py."""
+    from dopd_kernels import routed_loss
+
+    from _inputs import make_inputs
+    from _launch_guard import record_launch_guards, unguarded
+
+    inp = make_inputs(lead=(2, 5), dtype=torch.float32, hard_labels=True)
+    h = inp.student_hidden.clone().requires_grad_()
+    with record_launch_guards() as launches:
+        out = routed_loss(h, *inp.args()[1:], student_bias=inp.student_bias, teacher_bias=inp.teacher_bias,
+                          hard_labels=inp.hard_labels, config=RouteConfig.preset("dopd", top_k=8, ce_weight=0.1),
+                          backend="triton")
+        out.loss.backward()
+        out.student_logprob
+    names = {name for name, _, _ in launches}
+    assert {"_stats_kernel", "_rows_kernel", "_gather_logits_kernel", "_scatter_grad_kernel"} <= names, names
+    assert not unguarded(launches)
 
 
 def test_interpreter_fix_is_for_old_triton_only():

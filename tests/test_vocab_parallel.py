@@ -3,7 +3,9 @@
 Every rank holds its shard of the vocabulary rows (uneven splits; the teacher's padding rows cut before
 sharding) and compares what it gets with one process on the whole weights: every output field, the metrics,
 d hidden (the full gradient, or the shards' parts summed when ``reduce_hidden_grad=False``) and the shard's
-rows of d weight / d bias. Float64 at 1e-10 on the PyTorch path, float32 at 1e-4 under Triton's interpreter.
+rows of d weight / d bias. Float64 at 1e-10 on the PyTorch path, float32 and fp16 at 1e-4 under Triton's
+interpreter (against one process in the same dtype). The check_values=False layout rule, the device guard
+of every Triton launch and the torch shard ops' owned (row, k) pairs are tested here too.
 Each test runs many cases in one set of processes (spawning costs seconds) with a deadline (a hang fails).
 """
 
@@ -18,7 +20,8 @@ import torch
 from dopd_kernels import PRESETS, LogitTransform, RouteConfig, routed_loss
 
 from _inputs import make_inputs
-from _vocab_parallel import bad_input_worker, equivalence_worker, grid_worker, run_ranks, same_metrics
+from _vocab_parallel import (MASKED_VOCAB_ROUTES, bad_input_worker, case_config, equivalence_worker, grid_worker,
+                             run_ranks, same_metrics, trusted_layout_worker)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("bench_vocab_parallel", ROOT / "bench" / "vocab_parallel.py")
@@ -28,7 +31,8 @@ _spec.loader.exec_module(bench_vp)
 TORCH_TOL = 1e-10
 TRITON_TOL = 1e-4
 # K = 20 is larger than the smaller shards (15 rows of 37 on 2 ranks, 7 and 13 of 37 on 3).
-PRESET_CASES = [dict(preset=p, config=dict(top_k=20, ce_weight=0.3)) for p in PRESETS]
+# every_route: the case's tokens hit all four routes (asserted), so every route's code runs on the shards.
+PRESET_CASES = [dict(preset=p, config=dict(top_k=20, ce_weight=0.3), every_route=True) for p in PRESETS]
 SOFTCAP = dict(student_transform=LogitTransform(softcap=2.5), teacher_transform=LogitTransform(scale=1.7))
 # Saturated soft-caps: 10 to 21 ids per row tie at the top, across the shards; the top-K must take the lowest.
 SATURATED = dict(self_transform=LogitTransform(scale=40.0, softcap=0.5),
@@ -46,6 +50,9 @@ def _check(results_per_rank: list[list[dict]], cases: list[dict], tol: float, si
             assert not bad, f"case {case}, rank {rank}: {bad}"
             if not case.get("reduce_hidden_grad", True):  # the op did not sum: one shard's part is not the whole
                 assert res["extra"]["partial_vs_full"] > 1e-3, case
+        if case.get("every_route"):
+            counts = torch.bincount(per_rank[0]["route"][per_rank[0]["route"] >= 0], minlength=4)
+            assert bool((counts > 0).all()), f"case {case}: route counts {counts.tolist()}"
         first = per_rank[0]["fingerprint"]
         for rank, res in enumerate(per_rank[1:], 1):
             fp = res["fingerprint"]
@@ -59,7 +66,7 @@ def _check(results_per_rank: list[list[dict]], cases: list[dict], tol: float, si
 
 def _check_traffic(res: dict, case: dict, sizes: list[int]) -> None:
     """The collectives' element counts are exactly bench/vocab_parallel.py's prediction."""
-    config = RouteConfig.preset(case["preset"], **case.get("config", {}))
+    config = case_config(case)
     counts = {rid: int((res["route"] == rid).sum()) for rid in range(4)}
     predicted = bench_vp.predicted_elements(counts, config, sizes, res["hidden"],
                                             reduce_hidden_grad=case.get("reduce_hidden_grad", True))
@@ -84,6 +91,8 @@ def test_two_ranks_uneven_shards_torch():
              transforms=SOFTCAP),
         dict(preset="dopd", config=dict(top_k=20, ce_weight=0.3), singleton=True),  # a group of one rank
         dict(preset="dopd", config=dict(top_k=20), mask_frac=1.0),  # every token masked: loss 0, no NaN
+        # -inf biases, no soft-cap: each shard's local top-K must take the lowest -inf ids too
+        dict(preset="custom", routes=MASKED_VOCAB_ROUTES, config=dict(top_k=20, ce_weight=0.3), masked_vocab=True),
         # bf16 shards (converted per block, fp32 compute) vs bf16 on one process: summation order only
         dict(preset="dopd", config=dict(top_k=20, ce_weight=0.3), dtype=torch.bfloat16, tol=1e-5),
     ]
@@ -105,12 +114,25 @@ def test_triton_interpreter(sizes):
     pytest.importorskip("triton")
     small = dict(backend="triton", dtype=torch.float32, lead=(2, 7))
     presets = PRESETS if len(sizes) == 2 else ("dopd", "gkd", "vanilla_opd_sampled")
-    cases = [dict(small, preset=p, config=dict(top_k=20, ce_weight=0.3)) for p in presets]
+    cases = [dict(small, preset=p, config=dict(top_k=20, ce_weight=0.3), every_route=True) for p in presets]
     cases.append(dict(small, preset="dopd", config=dict(top_k=20), reduce_hidden_grad=False))
     if len(sizes) == 2:  # logit transforms in the kernels' epilogues, per shard
         cases.append(dict(small, preset="dopd", config=dict(top_k=20, ce_weight=0.3), transforms=SOFTCAP))
         cases.append(dict(small, preset="gkd", config=dict(top_k=20), transforms=SOFTCAP))
-    _check(run_ranks(equivalence_worker, len(sizes), sizes, cases, timeout=420), cases, TRITON_TOL, sizes)
+        # every launch inside a guard of the tensors' device (the lazy log-prob pass too: no CE here)
+        cases.append(dict(small, preset="dopd", config=dict(top_k=20), record_launches=True))
+        # fp16 shards: the kernels read fp16 weights, the backward GEMMs scale dz by a power of two per chunk
+        cases.append(dict(small, dtype=torch.float16, preset="dopd", config=dict(top_k=20, ce_weight=0.3),
+                          every_route=True))
+    results = run_ranks(equivalence_worker, len(sizes), sizes, cases, timeout=420)
+    _check(results, cases, TRITON_TOL, sizes)
+    for rank, per_case in enumerate(results):
+        for case, res in zip(cases, per_case):
+            if case.get("record_launches"):
+                launches = res["extra"]["launches"]
+                assert {"_stats_kernel", "_mm_kernel", "_gather_logits_kernel", "_scatter_grad_kernel"} <= set(
+                    launches) and launches.count("_stats_kernel") >= 3, launches  # self, teacher, lazy student
+                assert not res["extra"]["unguarded"], (rank, res["extra"]["unguarded"])
 
 
 def test_grid_of_two_data_parallel_by_two_vocabulary_parallel_ranks():
@@ -157,3 +179,55 @@ def test_arguments_checked_before_any_collective():
     if not dist.is_initialized():
         with pytest.raises(ValueError, match="vocab_group"):
             routed_loss(*inp.args(), vocab_group=object())
+
+
+def test_trusted_calls_never_use_a_stale_layout_nor_a_lone_collective():
+    """check_values=False: the first call on a group exchanges the shard sizes; later calls run no collective in
+    validation, and a rank whose shard size changed, or whose arguments are bad, raises before any collective
+    (before the fix: a stale layout gave a wrong loss, or the rank went into an all-gather alone: a hang)."""
+    sizes = [15, 22]
+    results = run_ranks(trusted_layout_worker, 2, sizes, timeout=120)
+    for rank, res in enumerate(results):
+        for name in ("first", "again", "other_group", "recheck", "after_recheck"):
+            err, _ = res[name]
+            assert isinstance(err, float) and err <= TORCH_TOL, (rank, name, err)
+        message, traffic = res["moved"]
+        assert "student_weight" in message and "must not change" in message and traffic == 0, (rank, message)
+    for name, expected in (("shrunk", "student_weight: with check_values=False"), ("local_error", "teacher_weight")):
+        message, traffic = results[1][name]
+        assert isinstance(message, str) and expected in message and traffic == 0, (name, message, traffic)
+        assert name not in results[0]
+
+
+def test_torch_shard_ops_compute_owned_pairs_only(monkeypatch):
+    """The PyTorch shard ops of the top-K rows gather, multiply and fold only the (row, k) pairs whose id this
+    rank owns (before: every pair, other ranks' ids clamped to local row 0 and their zero gradients folded):
+    the logits are 0 elsewhere, the gradients those of the owned pairs, in one block or in several."""
+    from dopd_kernels.chunked_losses import GradBuffers, Projection
+    from dopd_kernels.vocab_parallel.ops import TorchShardOps
+
+    g = torch.Generator().manual_seed(4)
+    n, k, hidden, vocab = 7, 6, 5, 9
+    h, w, b = (torch.randn(n, hidden, generator=g, dtype=torch.float64),
+               torch.randn(vocab, hidden, generator=g, dtype=torch.float64),
+               torch.randn(vocab, generator=g, dtype=torch.float64))
+    ids = torch.randint(0, vocab, (n, k), generator=g)
+    owned = torch.rand(n, k, generator=g) < 0.3
+    dz = torch.randn(n, k, generator=g, dtype=torch.float64)
+    dense = torch.zeros(n, vocab, dtype=torch.float64)
+    dense.view(-1).index_add_(0, (torch.arange(n)[:, None] * vocab + ids)[owned], dz[owned])
+    gathered = []
+    embedding = torch.nn.functional.embedding
+    monkeypatch.setattr(torch.nn.functional, "embedding", lambda i, wt: gathered.append(i.numel()) or embedding(i, wt))
+    for budget in (10**6, 2 * hidden):  # every pair in one block (rows reused by the fold), or 2 pairs a block
+        gathered.clear()
+        ops = TorchShardOps(torch.float64, 1.0, 16, budget)
+        z, saved = ops.raw_logits_at(h, ids, owned, Projection(w, b))
+        torch.testing.assert_close(z, torch.where(owned, (w[ids] * h[:, None]).sum(-1) + b[ids], 0.0))
+        grads = GradBuffers(torch.zeros(n, hidden, dtype=torch.float64), torch.zeros_like(w), torch.zeros_like(b))
+        d_hidden = ops.fold_topk(dz, h, saved, Projection(w, b), grads)
+        torch.testing.assert_close(d_hidden, dense @ w)
+        torch.testing.assert_close(grads.weight, dense.T @ h)
+        torch.testing.assert_close(grads.bias, dense.sum(0))
+        pairs = int(owned.sum())
+        assert sum(gathered) == (pairs if budget > 10**5 else 2 * pairs), gathered  # the fold regathers when split

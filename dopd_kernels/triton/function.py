@@ -24,8 +24,9 @@ multiplies are int64 in every kernel (V x H and C x V pass 2^31 at real sizes).
 CUDA graphs: run one call (forward and backward) before capturing: it compiles the kernels, copies the
 route tables to the device (``tables.py``; tables read during a capture are never evicted) and runs
 backend="auto"'s one-time self-check (``selfcheck.py``); use ``check_values=False`` inside the graph.
-Compile coverage: tests/test_triton_compile.py compiles every variant the launcher emits (157: presets, CE,
-custom tables, bf16 / fp16 / fp32, biases, two-pass, gradients or not, soft-caps) for sm_90 and checks wgmma,
+Compile coverage: tests/test_triton_compile.py compiles every variant the launcher emits (188: presets, CE,
+custom tables, bf16 / fp16 / fp32, biases, two-pass, gradients or not, soft-caps, the vocabulary-parallel
+path on a one-rank group) for sm_90 and checks wgmma,
 shared memory (max 128 KB of 227 KB), 64-bit offsets and the rows kernel's barrier.
 Logit transforms (``softcap.py``): each model's LogitTransform is the epilogue of every kernel that forms
 its logits (statistics tile, two-pass and full-support logit GEMMs, top-K gather). A multiplier folds into
@@ -77,7 +78,6 @@ Extra memory: 2 C x V fp32 scratch (311 MB at C = 256) + the candidate lists of 
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
@@ -85,6 +85,7 @@ import torch
 from ..attach import attach_grads
 from ..chunked import chunked_routed_loss
 from ..config import RouteConfig
+from ..devices import device_guard
 from ..transform import IDENTITY, LogitTransform
 from ..output import RoutedLossOutput
 from ..reduction import reduction_weights
@@ -96,12 +97,6 @@ from .tables import route_tables
 from .topk import topk_rows
 
 Tensor = torch.Tensor
-
-
-def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
-    """Launch on ``device``: Triton launches on the current CUDA device and stream, which need not be the
-    tensors' (tensors on cuda:1 while cuda:0 is current). A no-op off CUDA."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def triton_routed_loss(

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import RouteConfig
+from ..devices import capturing as _capturing  # module-level name: tests stand in for it
 from .full_support import KIND_CODES, KIND_NONE, KIND_SAMPLED
 
 Tensor = torch.Tensor
@@ -60,11 +61,6 @@ def route_tables(config: RouteConfig, device: torch.device) -> RouteTables:
     if capturing:
         _pinned[key] = tables  # a captured graph reads these addresses: never free them
     return tables
-
-
-def _capturing(device: torch.device) -> bool:
-    """Whether a CUDA graph is being captured on the current stream (a host-side query, no sync)."""
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _build(config: RouteConfig, device: torch.device) -> RouteTables:

@@ -10,6 +10,9 @@ restatement.
     ``_scatter_grad_kernel``  d h[n] += sum_k dz[n, k] W[idx[n, k]];  d W[idx[n, k]] += dz[n, k] h[n];
                               d b[idx[n, k]] += dz[n, k]                 (fp32, atomics for d W / d b)
 Rows off the top-K routes (full-support rows, masked tokens) load nothing: their row weight is 0.
+The vocabulary-parallel path launches both kernels with ``SKIP_NEGATIVE``: ids < 0 mark the (row, k) pairs
+whose id another rank owns; they load nothing, add nothing (no atomics) and get logit 0. The single-process
+launches compile the variant without it, whose code is the one before the flag existed.
 
 Shapes: hidden (N, Hs), weight (>= V, Hs), idx (N, K) int64 in [0, V). FLOPs: 4 K Hs per top-K token.
 Bytes per top-K token: K Hs x (2 reads of W rows in the weight dtype, the second mostly from L2) + K Hs x 4
@@ -38,14 +41,17 @@ from .tables import route_tables
 
 @triton.jit
 def _gather_logits_kernel(h_ptr, w_ptr, b_ptr, idx_ptr, on_ptr, z_ptr, K, hidden, stride_hn, stride_wv, pre, post,
-                          HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_K: tl.constexpr,
-                          BLOCK_H: tl.constexpr):
-    """Program (token n, block of K ids): z[n, ks] = T(W[idx] . h[n] + b[idx]) / tau (softcap.py), 0 for rows off."""
+                          HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, SKIP_NEGATIVE: tl.constexpr,
+                          BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Program (token n, block of K ids): z[n, ks] = T(W[idx] . h[n] + b[idx]) / tau (softcap.py), 0 for rows off
+    (and, with SKIP_NEGATIVE, for ids < 0: T(0) = 0)."""
     n = tl.program_id(0).to(tl.int64)  # N x Hs and N x K offsets may pass 2^31
     ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     live_k = tl.where(tl.load(on_ptr + n) != 0, K, 0)  # a row that is off reads nothing
     k_ok = ks < live_k
     ids = tl.load(idx_ptr + n * K + ks, mask=k_ok, other=0)
+    if SKIP_NEGATIVE:  # another rank's id: no load of its row
+        k_ok = k_ok & (ids >= 0)
     live_h = tl.where(live_k > 0, hidden, 0)
     acc = tl.zeros([BLOCK_K], dtype=tl.float32)
     for h0 in range(0, live_h, BLOCK_H):
@@ -63,10 +69,11 @@ def _gather_logits_kernel(h_ptr, w_ptr, b_ptr, idx_ptr, on_ptr, z_ptr, K, hidden
 def _scatter_grad_kernel(dz_ptr, h_ptr, w_ptr, idx_ptr, on_ptr, dh_ptr, dw_ptr, db_ptr, K, hidden,
                          stride_hn, stride_wv,
                          WANT_DH: tl.constexpr, WANT_DW: tl.constexpr, WANT_DB: tl.constexpr,
-                         BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr):
+                         SKIP_NEGATIVE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr):
     """Program (token n, hidden slice): d h[n, slice] += dz[n] W[idx[n], slice]; d W[idx[n], slice] += dz[n] h[n, slice].
 
     Each (n, slice) of d h has one owner (plain read-add-write); d W rows are shared across tokens (atomics).
+    With SKIP_NEGATIVE, ids < 0 (another rank's) read and add nothing.
     """
     n = tl.program_id(0).to(tl.int64)  # N x Hs and N x K offsets may pass 2^31
     pid_h = tl.program_id(1)
@@ -79,6 +86,8 @@ def _scatter_grad_kernel(dz_ptr, h_ptr, w_ptr, idx_ptr, on_ptr, dh_ptr, dw_ptr, 
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < live_k
         ids = tl.load(idx_ptr + n * K + ks, mask=k_ok, other=0)
+        if SKIP_NEGATIVE:
+            k_ok = k_ok & (ids >= 0)
         g = tl.load(dz_ptr + n * K + ks, mask=k_ok, other=0.0)
         tile = k_ok[:, None] & h_ok[None, :]
         if WANT_DH:
@@ -89,7 +98,10 @@ def _scatter_grad_kernel(dz_ptr, h_ptr, w_ptr, idx_ptr, on_ptr, dh_ptr, dw_ptr, 
             tl.atomic_add(dw_ptr + ids[:, None] * hidden + hs[None, :], g[:, None] * x[None, :], mask=tile,
                           sem="relaxed")
         if WANT_DB:
-            tl.atomic_add(db_ptr + ids, g, mask=ks < tl.where(pid_h == 0, live_k, 0), sem="relaxed")  # once per token
+            db_ok = ks < tl.where(pid_h == 0, live_k, 0)  # once per token
+            if SKIP_NEGATIVE:
+                db_ok = db_ok & (ids >= 0)
+            tl.atomic_add(db_ptr + ids, g, mask=db_ok, sem="relaxed")
     if WANT_DH:
         ptrs = dh_ptr + n * hidden + hs
         tl.store(ptrs, tl.load(ptrs, mask=h_ok, other=0.0) + dh, mask=h_ok)
@@ -97,9 +109,9 @@ def _scatter_grad_kernel(dz_ptr, h_ptr, w_ptr, idx_ptr, on_ptr, dh_ptr, dw_ptr, 
 
 def gather_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], idx: torch.Tensor,
                   on: torch.Tensor, inv_tau: float, blocks: Blocks,
-                  transform: LogitTransform = IDENTITY) -> torch.Tensor:
+                  transform: LogitTransform = IDENTITY, skip_negative: bool = False) -> torch.Tensor:
     """(N, K) fp32 student logits ``transform(h W[idx]^T + b[idx]) * inv_tau`` for rows where ``on`` (0
-    elsewhere). hidden (N, Hs), weight (>= V, Hs)."""
+    elsewhere). hidden (N, Hs), weight (>= V, Hs). ``skip_negative``: ids < 0 are skipped (logit 0)."""
     n, k = idx.shape
     hidden = hidden.contiguous()
     weight = weight if weight.stride(1) == 1 else weight.contiguous()
@@ -110,15 +122,17 @@ def gather_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
         _gather_logits_kernel[(n, triton.cdiv(k, blocks.gather_k))](
             hidden, weight, bias if bias is not None else weight, idx, on.to(torch.int8), z, k, hidden.shape[1],
             hidden.stride(0), weight.stride(0), float(tf.pre), float(tf.post),
-            HAS_BIAS=bias is not None, SOFTCAP=tf.softcap, BLOCK_K=blocks.gather_k, BLOCK_H=blocks.gather_h)
+            HAS_BIAS=bias is not None, SOFTCAP=tf.softcap, SKIP_NEGATIVE=skip_negative, BLOCK_K=blocks.gather_k,
+            BLOCK_H=blocks.gather_h)
     return z
 
 
 def scatter_grad(dz: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor, on: torch.Tensor,
-                 grads: dict[str, Optional[torch.Tensor]], blocks: Blocks) -> None:
+                 grads: dict[str, Optional[torch.Tensor]], blocks: Blocks, skip_negative: bool = False) -> None:
     """Fold the (N, K) fp32 logit gradient ``dz`` into grads["hidden"] (N, Hs), ["weight"] (V, Hs), ["bias"] (V,).
 
     The gradient buffers must be contiguous fp32 (the kernel indexes them with row stride Hs).
+    ``skip_negative``: ids < 0 are skipped (their dz is not read).
     """
     n, k = idx.shape
     hs = hidden.shape[1]
@@ -135,7 +149,7 @@ def scatter_grad(dz: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, i
         dz.contiguous(), hidden, weight, idx.contiguous(), on.to(torch.int8),
         grads["hidden"] if want["hidden"] else dummy, grads["weight"] if want["weight"] else dummy,
         grads["bias"] if want["bias"] else dummy, k, hs, hidden.stride(0), weight.stride(0),
-        WANT_DH=want["hidden"], WANT_DW=want["weight"], WANT_DB=want["bias"],
+        WANT_DH=want["hidden"], WANT_DW=want["weight"], WANT_DB=want["bias"], SKIP_NEGATIVE=skip_negative,
         BLOCK_K=blocks.gather_k, BLOCK_H=blocks.gather_h)
 
 

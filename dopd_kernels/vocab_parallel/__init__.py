@@ -21,6 +21,12 @@ Stages (files):
     comm.py      the collectives (torch.distributed only) and the traffic counter
     ops.py, triton_ops.py   the per-shard compute (torch, or the Triton kernels)
     reference.py the float64 oracle: all-gathers the weights
+
+Host synchronisation: both compute backends, the Triton one included, read device values on the host: the
+valid tokens (``nonzero``), per chunk the rows of each route (``nonzero``, ``split``), the PyTorch shard ops
+the owned top-K pairs, the validation exchange (unless ``check_values=False``). So, unlike the single-process
+Triton path, this path cannot be captured in a CUDA graph; run it eagerly. (Making it capturable would need
+device-side row counts in every stage, as the single-process kernels have, and fixed-shape collectives.)
 """
 
 from .layout import ShardLayout

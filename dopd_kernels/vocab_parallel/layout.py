@@ -50,16 +50,17 @@ class ShardLayout:
         return torch.where(owned, local, 0), owned
 
 
-# Shard sizes per group and local size, learnt from the last exchange (validation.py); read when
-# ``check_values=False`` skips the exchange, so that a trusted call costs no host synchronisation.
-_SIZES: "weakref.WeakKeyDictionary[Any, dict[int, tuple[int, ...]]]" = weakref.WeakKeyDictionary()
+# The shard sizes of each group, learnt from its last exchange (validate.py): the whole tuple, one entry per
+# rank. Read when ``check_values=False`` skips the exchange, so that a trusted call costs no host
+# synchronisation; every rank of the group writes the same tuple after the same exchange.
+_SIZES: "weakref.WeakKeyDictionary[Any, tuple[int, ...]]" = weakref.WeakKeyDictionary()
 
 
-def cached_sizes(group: Any, local: int) -> Optional[tuple[int, ...]]:
-    """The shard sizes last exchanged on ``group`` by a call whose local shard had ``local`` rows, or None."""
-    return _SIZES.get(group, {}).get(local)
+def cached_sizes(group: Any) -> Optional[tuple[int, ...]]:
+    """The shard sizes (in rank order) of the last exchange on ``group``, or None before the first one."""
+    return _SIZES.get(group)
 
 
-def remember_sizes(group: Any, sizes: tuple[int, ...], rank: int) -> None:
-    """Store ``sizes`` for later calls on ``group`` with the same local shard size."""
-    _SIZES.setdefault(group, {})[sizes[rank]] = sizes
+def remember_sizes(group: Any, sizes: tuple[int, ...]) -> None:
+    """Store the shard sizes every rank of ``group`` reported in an exchange (replacing older ones)."""
+    _SIZES[group] = tuple(sizes)

@@ -16,11 +16,11 @@ from typing import Optional
 
 import torch
 
-from ..attach import attach_grads
 from ..chunked import STATS_CHUNK_FACTOR
 from ..chunked_losses import GradBuffers
 from ..config import RouteConfig
-from ..output import RoutedLossOutput
+from ..devices import device_guard
+from ..output import RoutedLossOutput, output_from_kept_rows
 from ..reduction import reduction_weights
 from ..routing import route_tokens
 from ..transform import IDENTITY, LogitTransform
@@ -33,8 +33,7 @@ from .stats import source_stats, student_logprob
 Tensor = torch.Tensor
 
 
-def _shard_ops(backend: str, dtype: torch.dtype, device: torch.device, config: RouteConfig, layout: ShardLayout,
-               transforms: tuple[LogitTransform, ...]):
+def _shard_ops(backend: str, dtype: torch.dtype, device: torch.device, config: RouteConfig, layout: ShardLayout):
     """The per-shard compute: Triton kernels for ``backend="triton"`` (float64 inputs go to torch, as on one
     process), else torch."""
     inv_tau = 1.0 / config.temperature
@@ -76,8 +75,7 @@ def vocab_parallel_routed_loss(
     shape = target_ids.shape
     hs = student_weight.shape[1]
     wide = torch.float64 in (student_hidden.dtype, student_weight.dtype)
-    ops = _shard_ops(backend, torch.float64 if wide else torch.float32, student_hidden.device, config, layout,
-                     (student_transform, teacher_transform, self_transform))
+    ops = _shard_ops(backend, torch.float64 if wide else torch.float32, student_hidden.device, config, layout)
     cdtype = ops.dtype
     k = config.effective_top_k(layout.vocab)
 
@@ -103,7 +101,8 @@ def vocab_parallel_routed_loss(
     topk_sources = config.topk_sources()
     want = torch.is_grad_enabled()
 
-    with torch.no_grad():
+    # Triton launches on the current CUDA device, which need not be the tensors' (as on one process)
+    with device_guard(h_s.device), torch.no_grad():
         stats = source_stats(ops, models, y, layout, k, topk_sources)
         routing = route_tokens(stats["self"].whole.target_logprob, stats["teacher"].whole.target_logprob,
                                torch.ones_like(y, dtype=torch.bool), config)
@@ -137,38 +136,14 @@ def vocab_parallel_routed_loss(
         if grads.hidden is not None and reduce_hidden_grad:
             all_reduce_sum_(grads.hidden, layout)  # every shard's part: the full gradient on every rank
 
-    def scatter(values: Tensor, dtype: torch.dtype) -> Tensor:
-        out = torch.zeros(flat_valid.numel(), dtype=dtype, device=values.device)
-        return out.index_copy_(0, rows, values.to(dtype)).reshape(shape)
-
-    d_hidden = None
-    if grads.hidden is not None:
-        d_hidden = grads.hidden if every_row else torch.zeros(
-            flat_valid.numel(), hs, dtype=cdtype, device=h_s.device).index_copy_(0, rows, grads.hidden)
-        d_hidden = d_hidden.reshape(student_hidden.shape)
-    loss = attach_grads(
-        loss_value.to(student_hidden.dtype if student_hidden.dtype == torch.float64 else torch.float32),
-        d_hidden, grads.weight, grads.bias,  # converted by attach_grads (fp16: after the scaling by grad_output)
-        student_hidden, student_weight, student_bias,
-    )
-
-    def lazy_logprob() -> Tensor:
+    def fill_logprob(todo: Tensor) -> Tensor:
         """The student's log-probs of the rows the loss pass did not need the full softmax for (a collective)."""
-        with torch.no_grad():
-            todo = torch.isnan(logprob).nonzero().squeeze(1)
-            logprob.index_copy_(0, todo, student_logprob(ops, ops.hidden(h_s.index_select(0, todo)), student,
-                                                         y.index_select(0, todo), layout).to(cdtype))
-            return scatter(logprob, cdtype)
+        with device_guard(h_s.device):
+            return student_logprob(ops, ops.hidden(h_s.index_select(0, todo)), student, y.index_select(0, todo),
+                                   layout)
 
-    return RoutedLossOutput(
-        loss=loss,
-        per_token_loss=scatter(per_token, cdtype),
-        route=torch.full(shape, -1, dtype=torch.int64, device=route.device).reshape(-1).index_copy_(
-            0, rows, route).reshape(shape),
-        adv_gap=scatter(routing.adv_gap, cdtype),
-        q_self=scatter(routing.q_self, cdtype),
-        q_teacher=scatter(routing.q_teacher, cdtype),
-        student_logprob=lazy_logprob,
-        thresholds=routing.thresholds,
-        watched=[t for t in (student_hidden, student_weight, student_bias) if t is not None],
+    return output_from_kept_rows(
+        shape=shape, rows=rows, loss_value=loss_value, per_token=per_token, routing=routing, logprob=logprob,
+        fill_logprob=fill_logprob, grads=grads, student_hidden=student_hidden, student_weight=student_weight,
+        student_bias=student_bias,
     )

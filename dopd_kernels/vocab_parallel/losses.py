@@ -12,6 +12,8 @@ Top-K rows, per block of tokens:
     2 K_r values per rank and row); the student's raw logits at the K winning ids are computed by their
     owners (0 elsewhere) and all-reduced (K values per row); the renormalized divergence and its gradient
     are computed on every rank (replicated, O(K) per row); the gradient folds into the rows this rank owns.
+    Each rank computes and folds only the (row, k) pairs whose id it owns (about 1 / ranks of them): the
+    Triton kernels skip the others (ids -1: no loads, no atomics), the torch ops compact them away.
 Every rank computes the same per-token losses; d W / d b are the shard's rows of the full gradient and d
 hidden is this shard's contribution (the caller sums it over the group, or leaves that to its own
 tensor-parallel region).
@@ -93,9 +95,7 @@ def full_rows(rows: Tensor, *, ops, layout: ShardLayout, route: Tensor, targets:
         per_token.index_add_(0, chunk, loss)
         if dz is not None:
             student.transform.chain_grad_(dz, z, inv_tau, red_w.index_select(0, chunk))
-            d_hidden = ops.fold_full(dz, h, student, grads)
-            if d_hidden is not None:
-                grads.hidden.index_add_(0, chunk, d_hidden.to(grads.hidden.dtype))
+            ops.fold_full(dz, h, chunk, student, grads)
 
 
 def topk_rows(rows: Tensor, *, ops, layout: ShardLayout, route: Tensor, student_hidden: Tensor,
@@ -118,8 +118,8 @@ def topk_rows(rows: Tensor, *, ops, layout: ShardLayout, route: Tensor, student_
         src_vals, src_ids = merge_topk(vals, ids, top_k, layout)
         local_ids, owned = layout.localize(src_ids)
         h = ops.hidden(student_hidden.index_select(0, chunk))
-        z, saved = ops.raw_logits_at(h, local_ids, student)
-        z = all_reduce_sum_(torch.where(owned, z, 0.0).to(ops.dtype), layout)
+        z, saved = ops.raw_logits_at(h, local_ids, owned, student)  # 0 at other ranks' ids
+        z = all_reduce_sum_(z.to(ops.dtype), layout)
         # -inf (a masked vocabulary entry's bias) survives the sum; a soft-cap must keep it -inf
         z = student.transform.apply_(z, inv_tau, z.clone() if softcap_marks else None)
         logp = z.log_softmax(-1)
@@ -136,7 +136,7 @@ def topk_rows(rows: Tensor, *, ops, layout: ShardLayout, route: Tensor, student_
         if dz is None:
             continue
         student.transform.chain_grad_(dz, z, inv_tau, red_w.index_select(0, chunk))
-        d_hidden = ops.fold_topk(dz.masked_fill_(~owned, 0.0), h, local_ids, saved, student, grads)
+        d_hidden = ops.fold_topk(dz, h, saved, student, grads)  # reads this rank's ids only
         if d_hidden is not None:
             grads.hidden.index_add_(0, chunk, d_hidden.to(grads.hidden.dtype))
 

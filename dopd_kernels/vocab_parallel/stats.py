@@ -39,8 +39,11 @@ def source_stats(ops, models: dict[str, tuple[Tensor, Projection]], targets: Ten
     local_targets, owned = layout.localize(targets)
     width = min(top_k, layout.local)
     names = sorted(models)
-    local = {name: ops.stats(models[name][0], models[name][1], local_targets, width if name in topk_sources else 0)
-             for name in names}
+    widths = [width if name in topk_sources else 0 for name in names]
+    # the tie rule of each shard's local top-K, decided for all models at once before any GEMM is queued
+    ties = ops.exact_ties([(models[name][1], w) for name, w in zip(names, widths)])
+    local = {name: ops.stats(models[name][0], models[name][1], local_targets, w, t)
+             for name, w, t in zip(names, widths, ties)}
     lse, picked = combine_stats([local[n].lse for n in names],
                                 [torch.where(owned, local[n].target_logit, 0.0) for n in names], layout)
     out = {}
@@ -57,6 +60,6 @@ def student_logprob(ops, hidden: Tensor, student: Projection, targets: Tensor, l
     """(n,) the student's log-prob of ``targets`` over the whole vocabulary (one statistics pass on the shard
     and one all-gather: a collective, so every rank of the group must call it)."""
     local_targets, owned = layout.localize(targets)
-    part = ops.stats(hidden, student, local_targets, 0)
+    part = ops.stats(hidden, student, local_targets, 0, False)
     (lse,), (target,) = combine_stats([part.lse], [torch.where(owned, part.target_logit, 0.0)], layout)
     return target - lse

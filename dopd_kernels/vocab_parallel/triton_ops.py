@@ -32,8 +32,6 @@ Tensor = torch.Tensor
 class TritonShardOps:
     """The shard's compute on the Triton kernels; results in float32."""
 
-    name = "triton"
-
     def __init__(self, device: torch.device, inv_tau: float) -> None:
         self.dtype = torch.float32
         self.inv_tau = inv_tau
@@ -49,8 +47,14 @@ class TritonShardOps:
         """Rows of hidden states as the kernels want them (contiguous, their own dtype)."""
         return h.contiguous()
 
-    def stats(self, hidden: Tensor, proj: Projection, local_targets: Tensor, top_k: int) -> LinearStats:
-        """As ``TorchShardOps.stats``, with the fused statistics kernel."""
+    def exact_ties(self, cases: list[tuple[Projection, int]]) -> list[bool]:
+        """The statistics kernel always breaks ties by the lower id: nothing to decide (no host read)."""
+        return [True] * len(cases)
+
+    def stats(self, hidden: Tensor, proj: Projection, local_targets: Tensor, top_k: int,
+              exact_ties: bool) -> LinearStats:
+        """As ``TorchShardOps.stats``, with the fused statistics kernel (its top-K always takes the lower id
+        among ties)."""
         return fused_linear_stats(hidden, proj.weight, proj.bias, local_targets, vocab=proj.weight.shape[0],
                                   inv_tau=self.inv_tau, top_k=top_k, transform=proj.transform)
 
@@ -68,7 +72,7 @@ class TritonShardOps:
         dtype = proj.weight.dtype
         return dtype if dtype in (torch.bfloat16, torch.float16) else None
 
-    def fold_full(self, dz: Tensor, h: Tensor, proj: Projection, grads: GradBuffers) -> Optional[Tensor]:
+    def fold_full(self, dz: Tensor, h: Tensor, chunk: Tensor, proj: Projection, grads: GradBuffers) -> None:
         """As ``TorchShardOps.fold_full``, with the Triton GEMM (fp32 accumulators; fp16 operands scaled by a
         power of two from the chunk's max |dz|, as on one process, so that small gradients survive)."""
         count = self._count(h.shape[0], h.device)
@@ -79,24 +83,27 @@ class TritonShardOps:
                         operand_dtype=op, a_amax=amax)
         if grads.bias is not None:
             grads.bias.add_(dz.sum(0))
-        if grads.hidden is None:
-            return None
-        d_hidden = torch.zeros(h.shape[0], proj.weight.shape[1], dtype=torch.float32, device=h.device)
-        matmul_into(d_hidden, dz, proj.weight, blocks=self.blocks, count=count, row0=0, limit="m",
-                    operand_dtype=op, a_amax=amax)
-        return d_hidden
+        if grads.hidden is not None:
+            d_hidden = torch.zeros(h.shape[0], proj.weight.shape[1], dtype=torch.float32, device=h.device)
+            matmul_into(d_hidden, dz, proj.weight, blocks=self.blocks, count=count, row0=0, limit="m",
+                        operand_dtype=op, a_amax=amax)
+            grads.hidden.index_add_(0, chunk, d_hidden)
 
-    def raw_logits_at(self, h: Tensor, local_ids: Tensor, proj: Projection) -> tuple[Tensor, None]:
-        """(C, K) fp32 ``h . W[ids] + b[ids]`` with the gather kernel (temperature applied later, in torch)."""
+    def raw_logits_at(self, h: Tensor, local_ids: Tensor, owned: Tensor, proj: Projection) -> tuple[Tensor, Tensor]:
+        """(C, K) fp32 ``h . W[ids] + b[ids]`` at the ids this rank owns, 0 elsewhere, with the gather kernel
+        (temperature applied later, in torch); other ranks' ids go in as -1 and load nothing. The second value
+        (those ids) is what ``fold_topk`` takes."""
         on = torch.ones(local_ids.shape[0], dtype=torch.bool, device=h.device)
-        return gather_logits(h, proj.weight, proj.bias, local_ids, on, 1.0, self.blocks), None
+        ids = torch.where(owned, local_ids, -1)
+        return gather_logits(h, proj.weight, proj.bias, ids, on, 1.0, self.blocks, skip_negative=True), ids
 
-    def fold_topk(self, dz: Tensor, h: Tensor, local_ids: Tensor, saved: None, proj: Projection,
+    def fold_topk(self, dz: Tensor, h: Tensor, saved: Tensor, proj: Projection,
                   grads: GradBuffers) -> Optional[Tensor]:
-        """As ``TorchShardOps.fold_topk``, with the scatter kernel (fp32 atomics into d W / d b)."""
+        """As ``TorchShardOps.fold_topk``, with the scatter kernel (fp32 atomics into d W / d b, none for other
+        ranks' ids: ``saved`` holds them as -1)."""
         d_hidden = (torch.zeros(h.shape[0], proj.weight.shape[1], dtype=torch.float32, device=h.device)
                     if grads.hidden is not None else None)
-        on = torch.ones(local_ids.shape[0], dtype=torch.bool, device=h.device)
-        scatter_grad(dz.contiguous(), h, proj.weight, local_ids, on,
-                     {"hidden": d_hidden, "weight": grads.weight, "bias": grads.bias}, self.blocks)
+        on = torch.ones(saved.shape[0], dtype=torch.bool, device=h.device)
+        scatter_grad(dz.contiguous(), h, proj.weight, saved, on,
+                     {"hidden": d_hidden, "weight": grads.weight, "bias": grads.bias}, self.blocks, skip_negative=True)
         return d_hidden

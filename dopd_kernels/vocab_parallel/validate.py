@@ -9,8 +9,21 @@ The data-dependent checks of replicated inputs (finite hidden states, ids within
 run after the exchange: they fail on every rank alike.
 
 Cost: with ``check_values`` (default) one all-gather and one host sync per call, plus ~4 passes over the
-hidden states for the checksums; with ``check_values=False`` nothing after the first call on a group
-(the shard sizes are remembered; a local metadata error then raises on its rank only).
+hidden states for the checksums; with ``check_values=False`` nothing after the first call on a group.
+
+``check_values=False`` (trusted inputs, CUDA graphs): the first call on a group still runs the exchange
+(every rank does: no rank knows the layout yet), and every rank remembers the whole tuple of shard sizes
+for that group. Later calls run no collective here, so a problem found on one rank cannot be shared:
+  - a local error (bad shapes, a teacher shard of the wrong size) raises on that rank at once, before any
+    collective; never into a lone all-gather that the other ranks skip;
+  - the shard sizes must not change on a group: a rank whose shard no longer has the remembered number of
+    rows raises a ValueError (naming ``student_weight``) before any collective. Any change of the sizes
+    changes at least one rank's own size, so a stale layout is never used (no id owned by no rank, no
+    silent wrong loss); the ranks whose own size did not change cannot know, and wait in the loss's first
+    collective until the process group's timeout. After resharding, make one call with
+    ``check_values=True``: it exchanges the sizes again and replaces the remembered ones.
+The layout stays implicit (learnt, not passed) so that ``routed_loss``'s signature is the same with and
+without ``vocab_group``; the cost of that choice is the rule above.
 """
 
 from __future__ import annotations
@@ -101,9 +114,17 @@ def validate_sharded(student_hidden, student_weight, teacher_hidden, teacher_wei
     except ValueError as exc:
         error = exc
     local = 0 if error is not None else student_weight.shape[0]
-    if not config.check_values and error is None:
-        sizes = cached_sizes(group, local)
-        if sizes is not None and len(sizes) == world:
+    if not config.check_values:
+        sizes = cached_sizes(group)
+        if sizes is not None:  # a trusted call after the first: no exchange, so nothing may raise in one
+            if error is not None:
+                raise error
+            if len(sizes) != world or sizes[rank] != local:
+                raise ValueError(
+                    f"student_weight: with check_values=False the shard sizes on vocab_group must not change "
+                    f"between calls; rank {rank}'s shard has {local} rows, the last exchange on this group gave "
+                    f"{sizes[rank] if rank < len(sizes) else None} (sizes {list(sizes)}). After resharding, make "
+                    "one call with check_values=True (it exchanges the sizes again)")
             return valid, ShardLayout(group, rank, world, sizes)
     device = _device(student_hidden, group)
     head = torch.zeros(_HEAD, dtype=torch.float64, device=device)
@@ -135,7 +156,7 @@ def validate_sharded(student_hidden, student_weight, teacher_hidden, teacher_wei
     sizes = tuple(int(v) for v in table[:, 2].tolist())
     if sum(sizes) >= MAX_VOCAB:
         raise ValueError(f"student_weight: the shards make a vocabulary of {sum(sizes)} rows; at most {MAX_VOCAB - 1}")
-    remember_sizes(group, sizes, rank)
+    remember_sizes(group, sizes)
     layout = ShardLayout(group, rank, world, sizes)
     if config.check_values:  # replicated values (checked equal above): every rank passes or fails alike
         validate_hidden_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, self_hidden, target_ids,
