@@ -1,0 +1,187 @@
+// CPU kernels of dopd::full_divergence_ and dopd::topk_divergence: the divergence of one row pair and its
+// gradient with respect to the student's logits, in three sweeps over rows that stay in L2:
+//   (1) both maxima, then both log-sum-exps;
+//   (2) the sums of the value (the student's probabilities s and a per-entry difference stored in place);
+//   (3) the gradient from what (2) stored (no transcendental), or already in (2) for fkl.
+// Closed forms (divergences.py): with ls, lt the log-softmaxes and dD/dz = s * (g - <s, g>),
+//   rkl: value = sum s (ls - lt),                  grad = s (ls - lt - value)
+//   fkl: value = sum t (lt - ls),                  grad = s - t
+//   jsd: lm = log(beta t + (1 - beta) s),  value = beta sum t (lt - lm) + (1 - beta) sum s (ls - lm),
+//        grad = (1 - beta) s (ls - lm - sum s (ls - lm)).
+// Terms with a zero probability factor are 0 (0 log 0 = 0), so -inf logits never give NaN.
+#include "kernels.h"
+#include "vec_utils.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace dopd::cpu {
+namespace {
+
+const Vec kZero(0.0f);
+
+// 0 where `p` is 0, else x (p * x with the 0 * inf = 0 convention of the divergences).
+inline Vec unless_zero(const Vec& p, const Vec& x) { return Vec::blendv(x, kZero, p == kZero); }
+
+// The divergence of one row pair. zs / zt: n raw logits of the student / source (log-softmax of scale_s * zs
+// and scale_t * zt). Writes coef * dD/dzs into zs (chain factor scale_s included); zt is scratch. When
+// 0 <= target < n, *target_logprob = ls[target].
+float row_divergence(float* zs, float* zt, int64_t n, float scale_s, float scale_t, Kind kind, float beta,
+                     float coef, int64_t target, float* target_logprob) {
+  const float lse_s = row_lse(zs, n, row_max(zs, n), scale_s);
+  const float lse_t = row_lse(zt, n, row_max(zt, n), scale_t);
+  if (target_logprob != nullptr) *target_logprob = (target >= 0 && target < n) ? scale_s * zs[target] - lse_s : kNaN;
+  const Vec as(scale_s), bs(-lse_s), at_(scale_t), bt(-lse_t);
+  const Vec vbeta(beta), vbeta1(1.0f - beta);
+  SumAcc acc_s, acc_t;
+  // Sweep 2 on `count` lanes at offset i (count < kW only for the tail; lanes past it add 0, store nothing).
+  auto sweep2 = [&](int64_t i, int64_t count) {
+    const Vec ls = at::vec::fmadd(Vec::loadu(zs + i, count), as, bs);
+    const Vec lt = at::vec::fmadd(Vec::loadu(zt + i, count), at_, bt);
+    const Vec s = ls.exp_u20();
+    if (kind == Kind::rkl) {
+      const Vec d = unless_zero(s, ls - lt);
+      acc_s.add(first(s * d, count));
+      s.store(zs + i, count);
+      d.store(zt + i, count);
+    } else if (kind == Kind::fkl) {
+      const Vec t = lt.exp_u20();
+      acc_t.add(first(unless_zero(t, t * (lt - ls)), count));
+      ((s - t) * Vec(coef * scale_s)).store(zs + i, count);
+    } else {
+      const Vec t = lt.exp_u20();
+      const Vec lm = at::vec::fmadd(t, vbeta, s * vbeta1).log();
+      const Vec d = unless_zero(s, ls - lm);
+      acc_t.add(first(unless_zero(t, t * (lt - lm)), count));
+      acc_s.add(first(s * d, count));
+      s.store(zs + i, count);
+      d.store(zt + i, count);
+    }
+  };
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW) sweep2(i, kW);
+  if (i < n) sweep2(i, n - i);
+  if (kind == Kind::fkl) return static_cast<float>(acc_t.total());
+  const float kl_s = static_cast<float>(acc_s.total());
+  const float value = kind == Kind::rkl ? kl_s : static_cast<float>(beta * acc_t.total() + (1.0 - beta) * kl_s);
+  // Sweep 3: grad = c * s * (d - center), with (c, center) = (coef scale_s, value) for rkl and
+  // (coef scale_s (1 - beta), sum s (ls - lm)) for jsd.
+  const Vec c(coef * scale_s * (kind == Kind::rkl ? 1.0f : 1.0f - beta));
+  const Vec center(kl_s);
+  auto sweep3 = [&](int64_t j, int64_t count) {
+    const Vec s = Vec::loadu(zs + j, count);
+    const Vec d = Vec::loadu(zt + j, count);
+    (s * (d - center) * c).store(zs + j, count);
+  };
+  i = 0;
+  for (; i + kW <= n; i += kW) sweep3(i, kW);
+  if (i < n) sweep3(i, n - i);
+  return value;
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  Vec acc0(0.0f), acc1(0.0f);
+  int64_t i = 0;
+  for (; i + 2 * kW <= n; i += 2 * kW) {
+    acc0 = at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), acc0);
+    acc1 = at::vec::fmadd(Vec::loadu(a + i + kW), Vec::loadu(b + i + kW), acc1);
+  }
+  for (; i < n; i += kW) {
+    const int64_t count = std::min<int64_t>(kW, n - i);
+    acc0 = at::vec::fmadd(Vec::loadu(a + i, count), Vec::loadu(b + i, count), acc0);  // zero-filled lanes
+  }
+  alignas(64) float lanes[kW];
+  (acc0 + acc1).store(lanes);
+  float total = 0.0f;
+  for (int64_t l = 0; l < kW; ++l) total += lanes[l];
+  return total;
+}
+
+// y += alpha * x over n entries.
+inline void axpy(float alpha, const float* x, float* y, int64_t n) {
+  const Vec a(alpha);
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW) at::vec::fmadd(a, Vec::loadu(x + i), Vec::loadu(y + i)).store(y + i);
+  if (i < n) at::vec::fmadd(a, Vec::loadu(x + i, n - i), Vec::loadu(y + i, n - i)).store(y + i, n - i);
+}
+
+}  // namespace
+
+void full_divergence(float* student, float* source, int64_t rows, int64_t vocab, int64_t stride_s,
+                     int64_t stride_t, const int64_t* targets, Kind kind, float beta, float scale,
+                     const float* grad_scale, float* value, float* target_logprob) {
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      value[r] = row_divergence(student + r * stride_s, source + r * stride_t, vocab, scale, scale, kind, beta,
+                                grad_scale[r], targets[r], target_logprob + r);
+    }
+  });
+}
+
+void topk_divergence(const float* hidden, int64_t rows, int64_t hidden_size, const float* weight, int64_t vocab,
+                     int64_t stride_w, const float* bias, const int64_t* idx, int64_t k,
+                     const float* source_logits, Kind kind, float beta, float scale, const float* grad_scale,
+                     float* value, float* hidden_grad, float* weight_grad, float* bias_grad) {
+  const bool fold_weight = weight_grad != nullptr || bias_grad != nullptr;
+  // coef * dD/dz per (row, j), kept for the weight fold below.
+  std::vector<float> grad_z(fold_weight ? rows * k : 0);
+  // Rows: the K logits (K rows of W, then in L2 for the d hidden sum), the divergence and its gradient.
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(k, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> zs(k), zt(k);
+    for (int64_t r = begin; r < end; ++r) {
+      const float* h = hidden + r * hidden_size;
+      const int64_t* ids = idx + r * k;
+      for (int64_t j = 0; j < k; ++j) {
+        zs[j] = dot(h, weight + ids[j] * stride_w, hidden_size) + (bias != nullptr ? bias[ids[j]] : 0.0f);
+      }
+      std::copy(source_logits + r * k, source_logits + (r + 1) * k, zt.begin());
+      value[r] = row_divergence(zs.data(), zt.data(), k, scale, 1.0f, kind, beta, grad_scale[r], -1, nullptr);
+      if (fold_weight) std::copy(zs.begin(), zs.end(), grad_z.begin() + r * k);
+      float* dh = hidden_grad + r * hidden_size;
+      std::fill(dh, dh + hidden_size, 0.0f);
+      for (int64_t j = 0; j < k; ++j) {
+        if (zs[j] != 0.0f) axpy(zs[j], weight + ids[j] * stride_w, dh, hidden_size);
+      }
+    }
+  });
+  if (!fold_weight) return;
+  // d W[v] += sum over the (row, j) with idx = v of grad_z * hidden[row]: bucket the pairs by id (counting
+  // sort, in row order), then each id is summed by one thread and its row of d W is written once.
+  std::vector<int64_t> start(vocab + 1, 0);
+  for (int64_t e = 0; e < rows * k; ++e) ++start[idx[e] + 1];
+  for (int64_t v = 0; v < vocab; ++v) start[v + 1] += start[v];
+  std::vector<int64_t> order(rows * k);
+  {
+    std::vector<int64_t> fill(start.begin(), start.end() - 1);
+    for (int64_t e = 0; e < rows * k; ++e) order[fill[idx[e]]++] = e;
+  }
+  // Blocks of ids with about equal numbers of pairs (frequent ids would unbalance equal id ranges).
+  const int64_t n_blocks = std::min<int64_t>(vocab, 8 * at::get_num_threads());
+  std::vector<int64_t> block_start(n_blocks + 1, vocab);
+  block_start[0] = 0;
+  for (int64_t b = 1, v = 0; b < n_blocks; ++b) {
+    const int64_t goal = rows * k * b / n_blocks;
+    while (v < vocab && start[v] < goal) ++v;
+    block_start[b] = std::max(v, block_start[b - 1]);
+  }
+  at::parallel_for(0, n_blocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> acc(hidden_size);
+    for (int64_t v = block_start[b0]; v < block_start[b1]; ++v) {
+      if (start[v] == start[v + 1]) continue;
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      float bias_sum = 0.0f;
+      for (int64_t p = start[v]; p < start[v + 1]; ++p) {
+        const int64_t e = order[p];
+        axpy(grad_z[e], hidden + (e / k) * hidden_size, acc.data(), hidden_size);
+        bias_sum += grad_z[e];
+      }
+      if (weight_grad != nullptr) axpy(1.0f, acc.data(), weight_grad + v * hidden_size, hidden_size);
+      if (bias_grad != nullptr) bias_grad[v] += bias_sum;
+    }
+  });
+}
+
+}  // namespace dopd::cpu

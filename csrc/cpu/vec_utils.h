@@ -1,0 +1,85 @@
+// Small at::vec helpers shared by the CPU kernels: NaN-propagating max, an accurate running sum, masked tails.
+#pragma once
+
+#include <ATen/cpu/vec/vec.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+namespace dopd::cpu {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kW = Vec::size();
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+// `count` lanes from `p` (count <= kW), the others `fill`.
+inline Vec load_or(const float* p, int64_t count, float fill) {
+  return count == kW ? Vec::loadu(p) : Vec::set(Vec(fill), Vec::loadu(p, count), count);
+}
+
+// Lanes past `count` set to 0 (so that a masked tail adds nothing to a sum).
+inline Vec first(const Vec& x, int64_t count) {
+  return count == kW ? x : Vec::set(Vec(0.0f), x, count);
+}
+
+// Largest lane; NaN if any lane is NaN.
+inline float reduce_max(const Vec& v) {
+  alignas(64) float lanes[kW];
+  v.store(lanes);
+  float m = lanes[0];
+  for (int64_t i = 1; i < kW; ++i) {
+    if (std::isnan(lanes[i]) || lanes[i] > m) m = lanes[i];
+  }
+  return m;
+}
+
+// Largest of a row (stride 1); NaN if any entry is NaN.
+inline float row_max(const float* z, int64_t n) {
+  Vec acc(kNegInf);
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW) acc = at::vec::maximum(acc, Vec::loadu(z + i));
+  if (i < n) acc = at::vec::maximum(acc, load_or(z + i, n - i, kNegInf));
+  return reduce_max(acc);
+}
+
+// A sum of many vectors: 16 lanes in fp32 over blocks of kBlock vectors, the blocks added in double, so that a
+// 150k-entry row sums as accurately as a pairwise sum (a plain fp32 lane accumulator would add ~10k terms).
+class SumAcc {
+ public:
+  void add(const Vec& x) {
+    part_ = part_ + x;
+    if (++count_ == kBlock) flush();
+  }
+  double total() {
+    flush();
+    return total_;
+  }
+
+ private:
+  static constexpr int kBlock = 16;
+  void flush() {
+    alignas(64) float lanes[kW];
+    part_.store(lanes);
+    for (int64_t i = 0; i < kW; ++i) total_ += lanes[i];
+    part_ = Vec(0.0f);
+    count_ = 0;
+  }
+  Vec part_{0.0f};
+  int count_ = 0;
+  double total_ = 0.0;
+};
+
+// log(sum exp(scale * (z - zmax))) + scale * zmax over a row whose max is zmax: the log-sum-exp of scale * z.
+inline float row_lse(const float* z, int64_t n, float zmax, float scale) {
+  if (std::isnan(zmax) || std::isinf(zmax)) return zmax;  // all -inf: -inf; any +inf: +inf; any NaN: NaN
+  const Vec vs(scale), shift(-scale * zmax);
+  SumAcc sum;
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW) sum.add(at::vec::fmadd(Vec::loadu(z + i), vs, shift).exp_u20());
+  if (i < n) sum.add(first(at::vec::fmadd(Vec::loadu(z + i, n - i), vs, shift).exp_u20(), n - i));
+  return static_cast<float>(static_cast<double>(scale) * zmax + std::log(sum.total()));
+}
+
+}  // namespace dopd::cpu

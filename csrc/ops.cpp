@@ -1,0 +1,92 @@
+// The dopd custom ops: schemas (torch.library, namespace "dopd") and their CPU registrations.
+//
+// Each op is the fused epilogue of one chunk of fp32 logits on the PyTorch path (dopd_kernels/chunked_*.py);
+// its CUDA registration is in cuda/ops_cuda.cpp, its fake (meta) kernel in dopd_kernels/ext/ops.py.
+// Logits come in after the model's logit transform (a separate torch step); `scale` multiplies them inside
+// the op (the inverse temperature where the caller has not applied it yet), and gradients include it.
+#include <torch/library.h>
+
+#include "checks.h"
+#include "cpu/kernels.h"
+
+namespace dopd {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> row_stats_cpu(const at::Tensor& logits,
+                                                                          const at::Tensor& targets, int64_t k,
+                                                                          double scale) {
+  auto out = row_stats_outputs(logits, targets, k, scale);
+  const at::Tensor y = targets.contiguous();
+  cpu::row_stats(logits.data_ptr<float>(), logits.size(0), logits.size(1), logits.stride(0),
+                 y.data_ptr<int64_t>(), k, static_cast<float>(scale), out.lse.data_ptr<float>(),
+                 out.target_logit.data_ptr<float>(), out.topk_vals.data_ptr<float>(),
+                 out.topk_idx.data_ptr<int64_t>());
+  return {out.lse, out.target_logit, out.topk_vals, out.topk_idx};
+}
+
+std::tuple<at::Tensor, at::Tensor> full_divergence_cpu(at::Tensor& student, at::Tensor& source,
+                                                       const at::Tensor& targets, c10::string_view kind,
+                                                       double beta, double scale, const at::Tensor& grad_scale) {
+  const Kind k = parse_kind(std::string(kind));
+  check_full_divergence(student, source, targets, k, beta, scale, grad_scale);
+  const int64_t rows = student.size(0);
+  at::Tensor value = at::empty({rows}, student.options());
+  at::Tensor target_logprob = at::empty({rows}, student.options());
+  cpu::full_divergence(student.data_ptr<float>(), source.data_ptr<float>(), rows, student.size(1),
+                       student.stride(0), source.stride(0), targets.data_ptr<int64_t>(), k,
+                       static_cast<float>(beta), static_cast<float>(scale), grad_scale.data_ptr<float>(),
+                       value.data_ptr<float>(), target_logprob.data_ptr<float>());
+  return {value, target_logprob};
+}
+
+std::tuple<at::Tensor, at::Tensor> topk_divergence_cpu(
+    const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& idx, const at::Tensor& source_logits, c10::string_view kind, double beta, double scale,
+    const at::Tensor& grad_scale, c10::optional<at::Tensor> weight_grad, c10::optional<at::Tensor> bias_grad) {
+  const Kind k = parse_kind(std::string(kind));
+  check_topk_divergence(hidden, weight, bias, idx, source_logits, k, beta, scale, grad_scale, weight_grad,
+                        bias_grad);
+  const int64_t vocab = weight.size(0);
+  const int64_t* ids = idx.data_ptr<int64_t>();
+  for (int64_t e = 0; e < idx.numel(); ++e) {
+    TORCH_CHECK(ids[e] >= 0 && ids[e] < vocab, "dopd: idx holds ", ids[e], ", outside [0, ", vocab, ")");
+  }
+  const int64_t rows = hidden.size(0);
+  at::Tensor value = at::empty({rows}, hidden.options());
+  at::Tensor hidden_grad = at::empty({rows, hidden.size(1)}, hidden.options());
+  cpu::topk_divergence(hidden.data_ptr<float>(), rows, hidden.size(1), weight.data_ptr<float>(), vocab,
+                       weight.stride(0), bias.has_value() ? bias->data_ptr<float>() : nullptr, ids, idx.size(1),
+                       source_logits.data_ptr<float>(), k, static_cast<float>(beta), static_cast<float>(scale),
+                       grad_scale.data_ptr<float>(), value.data_ptr<float>(), hidden_grad.data_ptr<float>(),
+                       weight_grad.has_value() ? weight_grad->data_ptr<float>() : nullptr,
+                       bias_grad.has_value() ? bias_grad->data_ptr<float>() : nullptr);
+  return {value, hidden_grad};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(dopd, m) {
+  // Per row of scale * logits (C, V): log-sum-exp, the target's logit, the top-k (values descending, exact
+  // ties by lower id; ids int64). A target outside [0, V) gives a NaN logit.
+  m.def("row_stats(Tensor logits, Tensor targets, int k, float scale=1.0) "
+        "-> (Tensor lse, Tensor target_logit, Tensor topk_vals, Tensor topk_idx)");
+  // Per row of the (C, V) student and source logits: the divergence `kind` between their softmaxes (of scale *
+  // logits) and the student's target log-prob; student is overwritten with grad_scale * dD/d student, source
+  // is scratch (overwritten).
+  m.def("full_divergence_(Tensor(a!) student, Tensor(b!) source, Tensor targets, str kind, float beta, "
+        "float scale, Tensor grad_scale) -> (Tensor value, Tensor student_target_logprob)");
+  // Per row of hidden (R, H): the divergence over the source's K ids idx (R, K) between the student's
+  // renormalized softmax of scale * (hidden W[idx]^T + b[idx]) and softmax(source_logits); returns it and
+  // grad_scale * dD/d hidden, and accumulates grad_scale * dD/d W (and b) into weight_grad / bias_grad.
+  m.def("topk_divergence(Tensor hidden, Tensor weight, Tensor? bias, Tensor idx, Tensor source_logits, str kind, "
+        "float beta, float scale, Tensor grad_scale, Tensor(a!)? weight_grad, Tensor(b!)? bias_grad) "
+        "-> (Tensor value, Tensor hidden_grad)");
+}
+
+TORCH_LIBRARY_IMPL(dopd, CPU, m) {
+  m.impl("row_stats", &row_stats_cpu);
+  m.impl("full_divergence_", &full_divergence_cpu);
+  m.impl("topk_divergence", &topk_divergence_cpu);
+}
+
+}  // namespace dopd
