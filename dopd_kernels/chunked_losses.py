@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch
 
+from . import chunked_ext
 from .config import RouteConfig
 from .divergences import divergence_and_grad
 from .chunked_stats import LinearStats, scaled_logits
@@ -87,7 +88,15 @@ def student_full_rows(
     rids = [rid for rid, spec in enumerate(config.routes) if spec.support in ("full", "sampled")]
     for chunk in rows.split(config.chunk_size):
         h = student_hidden.index_select(0, chunk).to(student.weight.dtype)
-        logp = scaled_logits(h, student.weight, student.bias, inv_tau).log_softmax(-1)
+        z = scaled_logits(h, student.weight, student.bias, inv_tau)
+        fused = chunked_ext.full_chunk(z, chunk, route=route, targets=targets, sources=sources, red_w=red_w,
+                                       config=config, student_logprob=student_logprob, want_grad=grads.any)
+        if fused is not None:  # the compiled epilogue did the chunk; z now holds its scaled logit gradient
+            per_token.index_add_(0, chunk, fused)
+            if grads.any:
+                _fold_full_grad(z, h, chunk, student, grads)
+            continue
+        logp = z.log_softmax(-1)
         y = targets.index_select(0, chunk)[:, None]
         student_logprob.index_copy_(0, chunk, logp.gather(1, y).squeeze(1))
         loss = torch.zeros(chunk.numel(), dtype=logp.dtype, device=logp.device)
@@ -177,6 +186,9 @@ def topk_rows(
     The source's top-K (indices and scaled logits) come from the statistics pass; the student's
     logits at those K ids are ``h . W[idx] (+ b[idx])``: a gather of K rows of W per token.
     """
+    if chunked_ext.topk_rows(rows, route=route, student_hidden=student_hidden, student=student, stats=stats,
+                             red_w=red_w, config=config, per_token=per_token, grads=grads):
+        return  # the compiled epilogue (dopd_kernels.ext)
     inv_tau = 1.0 / config.temperature
     k = stats.topk_idx.shape[1]
     hs = student.weight.shape[1]

@@ -12,6 +12,8 @@ from typing import Optional
 
 import torch
 
+from . import chunked_ext
+
 Tensor = torch.Tensor
 
 
@@ -65,6 +67,12 @@ def linear_stats(
     for start in range(0, n, chunk_size):
         stop = min(start + chunk_size, n)
         z = scaled_logits(hidden[start:stop], weight, bias, inv_tau)
+        fused = chunked_ext.chunk_stats(z, targets[start:stop], top_k)
+        if fused is not None:  # the compiled epilogue: one pass per row (dopd_kernels.ext)
+            lse[start:stop], target_logit[start:stop] = fused[0], fused[1]
+            if top_k:
+                topk_vals[start:stop], topk_idx[start:stop] = fused[2], fused[3]
+            continue
         target_logit[start:stop] = z.gather(1, targets[start:stop, None]).squeeze(1)
         if top_k:
             torch.topk(z, top_k, dim=1, out=(topk_vals[start:stop], topk_idx[start:stop]))

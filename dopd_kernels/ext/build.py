@@ -113,11 +113,11 @@ def current_spec(source_dir: Optional[Path] = None, cuda: Optional[bool] = None)
     if cuda is None:
         cuda = torch.version.cuda is not None and _nvcc() is not None
     found = sorted(p.relative_to(source_dir).as_posix() for p in source_dir.rglob("*") if p.is_file())
+    found = [s for s in found if cuda or not s.startswith("cuda/")]  # csrc/cuda/: the CUDA kernels and glue
     headers = [s for s in found if s.endswith((".h", ".cuh"))]
-    sources = [s for s in found if s.endswith(".cpp") and (cuda or not s.startswith("cuda/"))]
-    sources += [s for s in found if s.endswith(".cu")] if cuda else []
-    cflags = ["-O3", "-DNDEBUG", *_cpu_flags()] + (["-DDOPD_WITH_CUDA"] if cuda else [])
-    cuda_cflags = ["-O3", "-DNDEBUG", "--use_fast_math"] if cuda else []
+    sources = [s for s in found if s.endswith((".cpp", ".cu"))]
+    cflags = ["-O3", "-DNDEBUG", *_cpu_flags()]
+    cuda_cflags = ["-O3", "-DNDEBUG"] if cuda else []
     digest = hashlib.sha256()
     for rel in sources + headers:
         digest.update(rel.encode() + b"\0" + (source_dir / rel).read_bytes() + b"\0")
