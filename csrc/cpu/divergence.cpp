@@ -30,28 +30,33 @@ inline Vec unless_zero(const Vec& p, const Vec& x) { return Vec::blendv(x, kZero
 // 0 <= target < n, *target_logprob = ls[target].
 float row_divergence(float* zs, float* zt, int64_t n, float scale_s, float scale_t, Kind kind, float beta,
                      float coef, int64_t target, float* target_logprob) {
-  const float lse_s = row_lse(zs, n, row_max(zs, n), scale_s);
-  const float lse_t = row_lse(zt, n, row_max(zt, n), scale_t);
-  if (target_logprob != nullptr) *target_logprob = (target >= 0 && target < n) ? scale_s * zs[target] - lse_s : kNaN;
-  const Vec as(scale_s), bs(-lse_s), at_(scale_t), bt(-lse_t);
+  // log_softmax(x) = (x - xmax) - logsum with x = scale * z rounded, as torch computes it (exact at the max)
+  const float max_s = row_max(zs, n), max_t = row_max(zt, n);
+  const float xmax_s = scale_s * max_s, xmax_t = scale_t * max_t;
+  const float sum_s = std::isfinite(max_s) ? row_logsum(zs, n, max_s, scale_s) : 0.0f;  // else NaN/inf rows stay so
+  const float sum_t = std::isfinite(max_t) ? row_logsum(zt, n, max_t, scale_t) : 0.0f;
+  if (target_logprob != nullptr) {
+    *target_logprob = (target >= 0 && target < n) ? (scale_s * zs[target] - xmax_s) - sum_s : kNaN;
+  }
+  const Vec as(scale_s), ms(xmax_s), bs(sum_s), at_(scale_t), mt(xmax_t), bt(sum_t);
   const Vec vbeta(beta), vbeta1(1.0f - beta);
   SumAcc acc_s, acc_t;
   // Sweep 2 on `count` lanes at offset i (count < kW only for the tail; lanes past it add 0, store nothing).
   auto sweep2 = [&](int64_t i, int64_t count) {
-    const Vec ls = at::vec::fmadd(Vec::loadu(zs + i, count), as, bs);
-    const Vec lt = at::vec::fmadd(Vec::loadu(zt + i, count), at_, bt);
-    const Vec s = ls.exp_u20();
+    const Vec ls = (Vec::loadu(zs + i, count) * as - ms) - bs;
+    const Vec lt = (Vec::loadu(zt + i, count) * at_ - mt) - bt;
+    const Vec s = ls.exp();  // accurate exps here: s near 1 must be 1 (the gradient is s (d - value))
     if (kind == Kind::rkl) {
       const Vec d = unless_zero(s, ls - lt);
       acc_s.add(first(s * d, count));
       s.store(zs + i, count);
       d.store(zt + i, count);
     } else if (kind == Kind::fkl) {
-      const Vec t = lt.exp_u20();
+      const Vec t = lt.exp();
       acc_t.add(first(unless_zero(t, t * (lt - ls)), count));
       ((s - t) * Vec(coef * scale_s)).store(zs + i, count);
     } else {
-      const Vec t = lt.exp_u20();
+      const Vec t = lt.exp();
       const Vec lm = at::vec::fmadd(t, vbeta, s * vbeta1).log();
       const Vec d = unless_zero(s, ls - lm);
       acc_t.add(first(unless_zero(t, t * (lt - lm)), count));

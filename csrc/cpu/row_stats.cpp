@@ -109,13 +109,13 @@ std::pair<float, float> block_bound(const float* z, int64_t vocab, int64_t k, st
 // Sweep 2: sum exp(scale (z - zmax)) (when zmax is finite) and the candidates >= list->low() (when k > 0).
 double scan_row(const float* z, int64_t vocab, float zmax, float scale, CandidateList* list) {
   const bool sum_exp = std::isfinite(zmax);
-  const Vec vs(scale), shift(-scale * zmax);
+  const Vec vs(scale), vmax(scale * zmax);
   Vec vlow(list != nullptr ? list->low() : 0.0f);
   const int full_mask = (1 << kW) - 1;
   SumAcc sum;
   auto step = [&](int64_t i, int64_t count) {
     const Vec x = load_or(z + i, count, kNegInf);
-    if (sum_exp) sum.add(at::vec::fmadd(x, vs, shift).exp_u20());  // the -inf fill adds exp(-inf) = 0
+    if (sum_exp) sum.add((x * vs - vmax).exp_u20());  // the -inf fill adds exp(-inf) = 0
     if (list == nullptr) return;
     // zero_mask marks the lanes where the compare is false (0.0); the others are candidates.
     int take = ~(x >= vlow).zero_mask() & full_mask;

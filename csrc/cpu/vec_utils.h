@@ -71,15 +71,17 @@ class SumAcc {
   double total_ = 0.0;
 };
 
-// log(sum exp(scale * (z - zmax))) + scale * zmax over a row whose max is zmax: the log-sum-exp of scale * z.
-inline float row_lse(const float* z, int64_t n, float zmax, float scale) {
-  if (std::isnan(zmax) || std::isinf(zmax)) return zmax;  // all -inf: -inf; any +inf: +inf; any NaN: NaN
-  const Vec vs(scale), shift(-scale * zmax);
+// log(sum exp(x - xmax)) over a row, x = scale * z rounded to float and xmax = scale * zmax its max (zmax finite).
+// Kept apart from xmax: log_softmax = (x - xmax) - this is then exactly -this at the max, as in torch; and with
+// accurate exps (not exp_u20, whose exp(0) is 1 - 3e-7), so that a probability near 1 is 1: the divergences'
+// gradients s (d - value) cancel there. (Built with -ffp-contract=off: x * s - xmax must not become an FMA.)
+inline float row_logsum(const float* z, int64_t n, float zmax, float scale) {
+  const Vec vs(scale), vmax(scale * zmax);
   SumAcc sum;
   int64_t i = 0;
-  for (; i + kW <= n; i += kW) sum.add(at::vec::fmadd(Vec::loadu(z + i), vs, shift).exp_u20());
-  if (i < n) sum.add(first(at::vec::fmadd(Vec::loadu(z + i, n - i), vs, shift).exp_u20(), n - i));
-  return static_cast<float>(static_cast<double>(scale) * zmax + std::log(sum.total()));
+  for (; i + kW <= n; i += kW) sum.add((Vec::loadu(z + i) * vs - vmax).exp());
+  if (i < n) sum.add(first((Vec::loadu(z + i, n - i) * vs - vmax).exp(), n - i));
+  return static_cast<float>(std::log(sum.total()));
 }
 
 }  // namespace dopd::cpu

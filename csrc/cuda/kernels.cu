@@ -71,27 +71,36 @@ struct MaxSum {
   float m, s;
 };
 
+// exp: the fast approximation for the statistics' sums, the accurate one where a probability near 1 must be 1
+// (the divergences' gradients s (d - value) cancel there).
+template <bool Accurate>
+__device__ __forceinline__ float exp_of(float x) {
+  return Accurate ? expf(x) : __expf(x);
+}
+
+template <bool Accurate>
 __device__ __forceinline__ void online_add(MaxSum& p, float y) {
   if (!(y > -INFINITY)) return;
   if (y > p.m) {
-    p.s = (isinf(p.m) ? 0.f : p.s * __expf(p.m - y)) + 1.f;
+    p.s = (isinf(p.m) ? 0.f : p.s * exp_of<Accurate>(p.m - y)) + 1.f;
     p.m = y;
   } else if (!isinf(p.m)) {
-    p.s += __expf(y - p.m);
+    p.s += exp_of<Accurate>(y - p.m);
   }
 }
 
+template <bool Accurate>
 __device__ __forceinline__ MaxSum merge(MaxSum a, MaxSum b) {
   const float m = fmaxf(a.m, b.m);
   if (isinf(m)) return {m, 1.f};  // all -inf, or a +inf: the sum no longer matters
-  return {m, a.s * __expf(a.m - m) + b.s * __expf(b.m - m)};
+  return {m, a.s * exp_of<Accurate>(a.m - m) + b.s * exp_of<Accurate>(b.m - m)};
 }
 
-template <int T>
+template <int T, bool Accurate>
 __device__ MaxSum block_merge(MaxSum p, float* red_m, float* red_s) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) {
-    p = merge(p, MaxSum{__shfl_xor_sync(kFull, p.m, o), __shfl_xor_sync(kFull, p.s, o)});
+    p = merge<Accurate>(p, MaxSum{__shfl_xor_sync(kFull, p.m, o), __shfl_xor_sync(kFull, p.s, o)});
   }
   __syncthreads();
   if ((threadIdx.x & 31) == 0) {
@@ -101,7 +110,7 @@ __device__ MaxSum block_merge(MaxSum p, float* red_m, float* red_s) {
   __syncthreads();
   MaxSum total{-INFINITY, 0.f};
 #pragma unroll
-  for (int w = 0; w < T / 32; ++w) total = merge(total, MaxSum{red_m[w], red_s[w]});
+  for (int w = 0; w < T / 32; ++w) total = merge<Accurate>(total, MaxSum{red_m[w], red_s[w]});
   return total;
 }
 
@@ -146,12 +155,12 @@ __global__ void __launch_bounds__(kStatsThreads)
   for (int64_t i = tid; i < vocab; i += T) {
     const float v = x[i];
     if (k > 0) atomicAdd(&hist[order_key(v) >> 21], 1u);
-    const float y = v * scale;
+    const float y = __fmul_rn(v, scale);  // never contracted into an FMA: x - xmax is exactly 0 at the max
     nan |= isnan(y);
-    online_add(p, y);
+    online_add<false>(p, y);
   }
   nan = __syncthreads_or(nan);
-  p = block_merge<T>(p, red_m, red_s);  // ends after a barrier: the histogram is complete
+  p = block_merge<T, false>(p, red_m, red_s);  // ends after a barrier: the histogram is complete
   if (tid == 0) {
     lse[row] = lse_of(p, nan);
     const int64_t y = targets[row];
@@ -264,36 +273,38 @@ __device__ float block_divergence(float* zs, float* zt, int64_t n, float scale_s
   MaxSum ps{-INFINITY, 0.f}, pt{-INFINITY, 0.f};
   bool nan = false;
   for (int64_t i = tid; i < n; i += T) {
-    const float a = scale_s * zs[i], b = scale_t * zt[i];
+    const float a = __fmul_rn(scale_s, zs[i]), b = __fmul_rn(scale_t, zt[i]);  // never contracted into an FMA
     nan |= isnan(a) || isnan(b);
-    online_add(ps, a);
-    online_add(pt, b);
+    online_add<true>(ps, a);
+    online_add<true>(pt, b);
   }
   nan = __syncthreads_or(nan);
-  ps = block_merge<T>(ps, red_m, red_s);
-  pt = block_merge<T>(pt, red_m, red_s);
-  const float lse_s = lse_of(ps, nan), lse_t = lse_of(pt, nan);
+  ps = block_merge<T, true>(ps, red_m, red_s);
+  pt = block_merge<T, true>(pt, red_m, red_s);
+  // log_softmax(x) = (x - xmax) - logsum with x = scale * z rounded, as torch computes it (exact at the max)
+  const float sum_s = nan ? NAN : (isinf(ps.m) ? 0.f : logf(ps.s));
+  const float sum_t = nan ? NAN : (isinf(pt.m) ? 0.f : logf(pt.s));
   if (tid == 0 && target_logprob != nullptr) {
-    *target_logprob = (target >= 0 && target < n) ? scale_s * zs[target] - lse_s : NAN;
+    *target_logprob = (target >= 0 && target < n) ? (__fmul_rn(scale_s, zs[target]) - ps.m) - sum_s : NAN;
   }
   __syncthreads();  // zs[target] is read before the sweep below overwrites it
   const float beta1 = 1.f - beta;
   float acc_s = 0.f, acc_t = 0.f;
   for (int64_t i = tid; i < n; i += T) {
-    const float ls = fmaf(scale_s, zs[i], -lse_s);
-    const float lt = fmaf(scale_t, zt[i], -lse_t);
-    const float s = __expf(ls);
+    const float ls = (__fmul_rn(scale_s, zs[i]) - ps.m) - sum_s;
+    const float lt = (__fmul_rn(scale_t, zt[i]) - pt.m) - sum_t;
+    const float s = expf(ls);  // accurate: s near 1 must be 1 (grad = s (d - value))
     if (kind == Kind::rkl) {
       const float d = s == 0.f ? 0.f : ls - lt;
       acc_s += s * d;
       zs[i] = s;
       zt[i] = d;
     } else if (kind == Kind::fkl) {
-      const float t = __expf(lt);
+      const float t = expf(lt);
       acc_t += t == 0.f ? 0.f : t * (lt - ls);
       zs[i] = coef * scale_s * (s - t);
     } else {
-      const float t = __expf(lt);
+      const float t = expf(lt);
       const float lm = logf(fmaf(beta, t, beta1 * s));
       const float d = s == 0.f ? 0.f : ls - lm;
       acc_t += t == 0.f ? 0.f : t * (lt - lm);

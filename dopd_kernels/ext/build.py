@@ -116,7 +116,8 @@ def current_spec(source_dir: Optional[Path] = None, cuda: Optional[bool] = None)
     found = [s for s in found if cuda or not s.startswith("cuda/")]  # csrc/cuda/: the CUDA kernels and glue
     headers = [s for s in found if s.endswith((".h", ".cuh"))]
     sources = [s for s in found if s.endswith((".cpp", ".cu"))]
-    cflags = ["-O3", "-DNDEBUG", *_cpu_flags()]
+    # no implicit FMA contraction: log_softmax must be exactly 0 - logsum at the max (the kernels' comments)
+    cflags = ["-O3", "-DNDEBUG", "-ffp-contract=off", *_cpu_flags()]
     cuda_cflags = ["-O3", "-DNDEBUG"] if cuda else []
     digest = hashlib.sha256()
     for rel in sources + headers:
