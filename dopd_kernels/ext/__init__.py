@@ -24,7 +24,7 @@ from typing import Iterator, Optional
 import torch
 
 from . import ops
-from .build import BuildError, BuildSpec, build, cache_root, current_spec
+from .builder import BuildError, BuildSpec, build, cache_root, current_spec
 from .ops import full_divergence_, row_stats, topk_divergence
 
 __all__ = ["BuildError", "build", "cache_root", "enabled", "forced", "full_divergence_", "has_cuda", "is_available",

@@ -13,7 +13,7 @@ import sys
 import time
 
 from . import BuildError, build, current_spec, is_available, load
-from .build import clean
+from .builder import clean
 
 
 def main(argv=None) -> int:

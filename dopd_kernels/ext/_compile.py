@@ -1,4 +1,4 @@
-"""Child process of ``build.build``: compile with ``torch.utils.cpp_extension.load`` (ninja), then load once.
+"""Child process of ``builder.build``: compile with ``torch.utils.cpp_extension.load`` (ninja), then load once.
 
 Run as ``python _compile.py '<json job>'``; its stdout/stderr are the build log. Self-contained on purpose (it
 does not import dopd_kernels), so a broken checkout still gets a readable log.
