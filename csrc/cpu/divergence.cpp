@@ -125,19 +125,19 @@ void full_divergence(float* student, float* source, int64_t rows, int64_t vocab,
   });
 }
 
-void topk_divergence(const float* hidden, int64_t rows, int64_t hidden_size, const float* weight, int64_t vocab,
-                     int64_t stride_w, const float* bias, const int64_t* idx, int64_t k,
-                     const float* source_logits, Kind kind, float beta, float scale, const float* grad_scale,
-                     float* value, float* hidden_grad, float* weight_grad, float* bias_grad) {
+void topk_divergence(const float* hidden, int64_t hidden_size, const int64_t* rows, int64_t n_rows,
+                     const float* weight, int64_t vocab, int64_t stride_w, const float* bias, const int64_t* idx,
+                     int64_t k, const float* source_logits, Kind kind, float beta, float scale,
+                     const float* grad_scale, float* value, float* hidden_grad, float* weight_grad, float* bias_grad) {
   const bool fold_weight = weight_grad != nullptr || bias_grad != nullptr;
   // coef * dD/dz per (row, j), kept for the weight fold below.
-  std::vector<float> grad_z(fold_weight ? rows * k : 0);
+  std::vector<float> grad_z(fold_weight ? n_rows * k : 0);
   // Rows: the K logits (K rows of W, then in L2 for the d hidden sum), the divergence and its gradient.
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(k, 1));
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n_rows, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> zs(k), zt(k);
     for (int64_t r = begin; r < end; ++r) {
-      const float* h = hidden + r * hidden_size;
+      const float* h = hidden + rows[r] * hidden_size;
       const int64_t* ids = idx + r * k;
       for (int64_t j = 0; j < k; ++j) {
         zs[j] = dot(h, weight + ids[j] * stride_w, hidden_size) + (bias != nullptr ? bias[ids[j]] : 0.0f);
@@ -145,8 +145,8 @@ void topk_divergence(const float* hidden, int64_t rows, int64_t hidden_size, con
       std::copy(source_logits + r * k, source_logits + (r + 1) * k, zt.begin());
       value[r] = row_divergence(zs.data(), zt.data(), k, scale, 1.0f, kind, beta, grad_scale[r], -1, nullptr);
       if (fold_weight) std::copy(zs.begin(), zs.end(), grad_z.begin() + r * k);
-      float* dh = hidden_grad + r * hidden_size;
-      std::fill(dh, dh + hidden_size, 0.0f);
+      if (hidden_grad == nullptr) continue;
+      float* dh = hidden_grad + rows[r] * hidden_size;  // rows are distinct: no other thread writes it
       for (int64_t j = 0; j < k; ++j) {
         if (zs[j] != 0.0f) axpy(zs[j], weight + ids[j] * stride_w, dh, hidden_size);
       }
@@ -156,19 +156,19 @@ void topk_divergence(const float* hidden, int64_t rows, int64_t hidden_size, con
   // d W[v] += sum over the (row, j) with idx = v of grad_z * hidden[row]: bucket the pairs by id (counting
   // sort, in row order), then each id is summed by one thread and its row of d W is written once.
   std::vector<int64_t> start(vocab + 1, 0);
-  for (int64_t e = 0; e < rows * k; ++e) ++start[idx[e] + 1];
+  for (int64_t e = 0; e < n_rows * k; ++e) ++start[idx[e] + 1];
   for (int64_t v = 0; v < vocab; ++v) start[v + 1] += start[v];
-  std::vector<int64_t> order(rows * k);
+  std::vector<int64_t> order(n_rows * k);
   {
     std::vector<int64_t> fill(start.begin(), start.end() - 1);
-    for (int64_t e = 0; e < rows * k; ++e) order[fill[idx[e]]++] = e;
+    for (int64_t e = 0; e < n_rows * k; ++e) order[fill[idx[e]]++] = e;
   }
   // Blocks of ids with about equal numbers of pairs (frequent ids would unbalance equal id ranges).
   const int64_t n_blocks = std::min<int64_t>(vocab, 8 * at::get_num_threads());
   std::vector<int64_t> block_start(n_blocks + 1, vocab);
   block_start[0] = 0;
   for (int64_t b = 1, v = 0; b < n_blocks; ++b) {
-    const int64_t goal = rows * k * b / n_blocks;
+    const int64_t goal = n_rows * k * b / n_blocks;
     while (v < vocab && start[v] < goal) ++v;
     block_start[b] = std::max(v, block_start[b - 1]);
   }
@@ -180,7 +180,7 @@ void topk_divergence(const float* hidden, int64_t rows, int64_t hidden_size, con
       float bias_sum = 0.0f;
       for (int64_t p = start[v]; p < start[v + 1]; ++p) {
         const int64_t e = order[p];
-        axpy(grad_z[e], hidden + (e / k) * hidden_size, acc.data(), hidden_size);
+        axpy(grad_z[e], hidden + rows[e / k] * hidden_size, acc.data(), hidden_size);
         bias_sum += grad_z[e];
       }
       if (weight_grad != nullptr) axpy(1.0f, acc.data(), weight_grad + v * hidden_size, hidden_size);

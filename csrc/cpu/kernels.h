@@ -23,15 +23,17 @@ void full_divergence(float* student, float* source, int64_t rows, int64_t vocab,
                      int64_t stride_t, const int64_t* targets, Kind kind, float beta, float scale,
                      const float* grad_scale, float* value, float* target_logprob);
 
-// Per row r, the student's logits at the source's top-K ids, z[r, j] = scale * (hidden[r] . weight[idx[r, j]]
-// + bias[idx[r, j]]), and ls / lt the log-softmaxes over the K entries of z[r] and source_logits[r]:
-//   value[r] = D(ls, lt); hidden_grad[r] = grad_scale[r] * dD/d hidden[r];
+// Per row r (hidden row rows[r]), the student's logits at the source's top-K ids,
+// z[r, j] = scale * (hidden[rows[r]] . weight[idx[r, j]] + bias[idx[r, j]]), and ls / lt the log-softmaxes over
+// the K entries of z[r] and source_logits[r]:
+//   value[r] = D(ls, lt); hidden_grad[rows[r]] += grad_scale[r] * dD/d hidden (when not null);
 //   weight_grad[idx[r, j]] += grad_scale[r] * dD/d weight[idx[r, j]] (and bias_grad alike) when not null.
-// idx must hold ids in [0, vocab) (checked by the caller). weight_grad is accumulated without races: the
-// (row, j) pairs are bucketed by vocabulary id and each id is owned by one thread (deterministic order).
-void topk_divergence(const float* hidden, int64_t rows, int64_t hidden_size, const float* weight, int64_t vocab,
-                     int64_t stride_w, const float* bias, const int64_t* idx, int64_t k,
-                     const float* source_logits, Kind kind, float beta, float scale, const float* grad_scale,
-                     float* value, float* hidden_grad, float* weight_grad, float* bias_grad);
+// idx must hold ids in [0, vocab) and rows distinct ids in [0, n_hidden) (checked by the caller). weight_grad is
+// accumulated without races: the (row, j) pairs are bucketed by vocabulary id and each id is owned by one thread
+// (deterministic order).
+void topk_divergence(const float* hidden, int64_t hidden_size, const int64_t* rows, int64_t n_rows,
+                     const float* weight, int64_t vocab, int64_t stride_w, const float* bias, const int64_t* idx,
+                     int64_t k, const float* source_logits, Kind kind, float beta, float scale,
+                     const float* grad_scale, float* value, float* hidden_grad, float* weight_grad, float* bias_grad);
 
 }  // namespace dopd::cpu

@@ -8,7 +8,7 @@
 // equal entries, only on tiles that hold one); the k selected (key, id) pairs are sorted in shared memory
 // (bitonic) and written in descending order. Rows are read 2-4 times: the memory-bound cost is ~2-4x V floats.
 // full_divergence (512 threads) and topk_divergence (256 threads): the closed forms of ../cpu/divergence.cpp;
-// topk_divergence adds into d W with atomics (one per (row, id, hidden column)).
+// topk_divergence adds into d hidden and d W with atomics (one per (row, id, hidden column) for d W).
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -336,19 +336,21 @@ __global__ void __launch_bounds__(kRowThreads)
 }
 
 __global__ void __launch_bounds__(kTopkThreads)
-    topk_divergence_kernel(const float* __restrict__ hidden, int64_t hidden_size, const float* __restrict__ weight,
-                           int64_t vocab, int64_t stride_w, const float* __restrict__ bias,
-                           const int64_t* __restrict__ idx, int k, const float* __restrict__ source_logits, Kind kind,
-                           float beta, float scale, const float* __restrict__ grad_scale, float* __restrict__ value,
-                           float* __restrict__ hidden_grad, float* weight_grad, float* bias_grad) {
+    topk_divergence_kernel(const float* __restrict__ hidden, int64_t hidden_size, const int64_t* __restrict__ rows,
+                           const float* __restrict__ weight, int64_t vocab, int64_t stride_w,
+                           const float* __restrict__ bias, const int64_t* __restrict__ idx, int k,
+                           const float* __restrict__ source_logits, Kind kind, float beta, float scale,
+                           const float* __restrict__ grad_scale, float* __restrict__ value, float* hidden_grad,
+                           float* weight_grad, float* bias_grad) {
   constexpr int T = kTopkThreads;
   extern __shared__ float logits[];  // the student's k logits, then the source's
   float* zs = logits;
   float* zt = logits + k;
   __shared__ float red_m[T / 32], red_s[T / 32];
-  const int64_t row = blockIdx.x;
-  const float* h = hidden + row * hidden_size;
-  const int64_t* ids = idx + row * k;
+  const int64_t r = blockIdx.x;
+  const int64_t hidden_row = rows[r];
+  const float* h = hidden + hidden_row * hidden_size;
+  const int64_t* ids = idx + r * k;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   // One warp per id: h . W[id] (+ b[id]).
   for (int j = warp; j < k; j += T / 32) {
@@ -360,21 +362,23 @@ __global__ void __launch_bounds__(kTopkThreads)
     dot = warp_sum(dot);
     if (lane == 0) zs[j] = dot + (bias != nullptr ? bias[id] : 0.f);
   }
-  for (int j = threadIdx.x; j < k; j += T) zt[j] = source_logits[row * k + j];
+  for (int j = threadIdx.x; j < k; j += T) zt[j] = source_logits[r * k + j];
   __syncthreads();
-  const float v = block_divergence<T>(zs, zt, k, scale, 1.f, kind, beta, grad_scale[row], -1, nullptr, red_m, red_s);
-  if (threadIdx.x == 0) value[row] = v;
+  const float v = block_divergence<T>(zs, zt, k, scale, 1.f, kind, beta, grad_scale[r], -1, nullptr, red_m, red_s);
+  if (threadIdx.x == 0) value[r] = v;
   __syncthreads();  // zs holds the gradient of every id
-  for (int64_t c = threadIdx.x; c < hidden_size; c += T) {
-    const float hc = h[c];
-    float acc = 0.f;
-    for (int j = 0; j < k; ++j) {
-      const float g = zs[j];
-      const int64_t id = ids[j];
-      acc = fmaf(g, weight[id * stride_w + c], acc);
-      if (weight_grad != nullptr && g != 0.f) atomicAdd(weight_grad + id * hidden_size + c, g * hc);
+  if (hidden_grad != nullptr || weight_grad != nullptr) {
+    for (int64_t c = threadIdx.x; c < hidden_size; c += T) {
+      const float hc = h[c];
+      float acc = 0.f;
+      for (int j = 0; j < k; ++j) {
+        const float g = zs[j];
+        const int64_t id = ids[j];
+        acc = fmaf(g, weight[id * stride_w + c], acc);
+        if (weight_grad != nullptr && g != 0.f) atomicAdd(weight_grad + id * hidden_size + c, g * hc);
+      }
+      if (hidden_grad != nullptr) atomicAdd(hidden_grad + hidden_row * hidden_size + c, acc);
     }
-    hidden_grad[row * hidden_size + c] = acc;
   }
   if (bias_grad != nullptr) {
     for (int j = threadIdx.x; j < k; j += T) {
@@ -405,16 +409,16 @@ int full_divergence(float* student, float* source, int64_t rows, int64_t vocab, 
   return static_cast<int>(cudaGetLastError());
 }
 
-int topk_divergence(const float* hidden, int64_t rows, int64_t hidden_size, const float* weight, int64_t vocab,
-                    int64_t stride_w, const float* bias, const int64_t* idx, int64_t k, const float* source_logits,
-                    Kind kind, float beta, float scale, const float* grad_scale, float* value, float* hidden_grad,
-                    float* weight_grad, float* bias_grad, void* stream) {
-  if (rows == 0) return 0;
-  topk_divergence_kernel<<<static_cast<unsigned>(rows), kTopkThreads, 2 * k * sizeof(float),
-                           static_cast<cudaStream_t>(stream)>>>(hidden, hidden_size, weight, vocab, stride_w, bias,
-                                                                idx, static_cast<int>(k), source_logits, kind, beta,
-                                                                scale, grad_scale, value, hidden_grad, weight_grad,
-                                                                bias_grad);
+int topk_divergence(const float* hidden, int64_t hidden_size, const int64_t* rows, int64_t n_rows, const float* weight,
+                    int64_t vocab, int64_t stride_w, const float* bias, const int64_t* idx, int64_t k,
+                    const float* source_logits, Kind kind, float beta, float scale, const float* grad_scale,
+                    float* value, float* hidden_grad, float* weight_grad, float* bias_grad, void* stream) {
+  if (n_rows == 0) return 0;
+  topk_divergence_kernel<<<static_cast<unsigned>(n_rows), kTopkThreads, 2 * k * sizeof(float),
+                           static_cast<cudaStream_t>(stream)>>>(hidden, hidden_size, rows, weight, vocab, stride_w,
+                                                                bias, idx, static_cast<int>(k), source_logits, kind,
+                                                                beta, scale, grad_scale, value, hidden_grad,
+                                                                weight_grad, bias_grad);
   return static_cast<int>(cudaGetLastError());
 }
 

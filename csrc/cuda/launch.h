@@ -20,10 +20,10 @@ int full_divergence(float* student, float* source, int64_t rows, int64_t vocab, 
                     const int64_t* targets, Kind kind, float beta, float scale, const float* grad_scale,
                     float* value, float* target_logprob, void* stream);
 
-int topk_divergence(const float* hidden, int64_t rows, int64_t hidden_size, const float* weight, int64_t vocab,
-                    int64_t stride_w, const float* bias, const int64_t* idx, int64_t k, const float* source_logits,
-                    Kind kind, float beta, float scale, const float* grad_scale, float* value, float* hidden_grad,
-                    float* weight_grad, float* bias_grad, void* stream);
+int topk_divergence(const float* hidden, int64_t hidden_size, const int64_t* rows, int64_t n_rows, const float* weight,
+                    int64_t vocab, int64_t stride_w, const float* bias, const int64_t* idx, int64_t k,
+                    const float* source_logits, Kind kind, float beta, float scale, const float* grad_scale,
+                    float* value, float* hidden_grad, float* weight_grad, float* bias_grad, void* stream);
 
 const char* error_string(int code);
 

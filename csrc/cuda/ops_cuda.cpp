@@ -61,30 +61,30 @@ std::tuple<at::Tensor, at::Tensor> full_divergence_cuda(at::Tensor& student, at:
   return {value, target_logprob};
 }
 
-std::tuple<at::Tensor, at::Tensor> topk_divergence_cuda(
-    const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-    const at::Tensor& idx, const at::Tensor& source_logits, c10::string_view kind, double beta, double scale,
-    const at::Tensor& grad_scale, c10::optional<at::Tensor> weight_grad, c10::optional<at::Tensor> bias_grad) {
+at::Tensor topk_divergence_cuda(const at::Tensor& hidden, const at::Tensor& rows, const at::Tensor& weight,
+                                const c10::optional<at::Tensor>& bias, const at::Tensor& idx,
+                                const at::Tensor& source_logits, c10::string_view kind, double beta, double scale,
+                                const at::Tensor& grad_scale, c10::optional<at::Tensor> hidden_grad,
+                                c10::optional<at::Tensor> weight_grad, c10::optional<at::Tensor> bias_grad) {
   c10::DeviceGuard guard(hidden.device());
   const Kind k = parse_kind(std::string(kind));
-  check_topk_divergence(hidden, weight, bias, idx, source_logits, k, beta, scale, grad_scale, weight_grad,
-                        bias_grad);
+  check_topk_divergence(hidden, rows, weight, bias, idx, source_logits, k, beta, scale, grad_scale, hidden_grad,
+                        weight_grad, bias_grad);
   TORCH_CHECK(idx.size(1) <= cuda::kMaxTopK, "dopd::topk_divergence: K must be <= ", cuda::kMaxTopK, " on CUDA");
-  check_grid(hidden.size(0));
-  const int64_t rows = hidden.size(0);
-  at::Tensor value = at::empty({rows}, hidden.options());
-  at::Tensor hidden_grad = at::empty({rows, hidden.size(1)}, hidden.options());
-  check_launch(cuda::topk_divergence(hidden.data_ptr<float>(), rows, hidden.size(1), weight.data_ptr<float>(),
-                                     weight.size(0), weight.stride(0),
+  check_grid(rows.size(0));
+  // ids outside [0, V) stop the kernel (no host sync to check them here); rows may repeat (atomic d hidden)
+  at::Tensor value = at::empty({rows.size(0)}, hidden.options());
+  check_launch(cuda::topk_divergence(hidden.data_ptr<float>(), hidden.size(1), rows.data_ptr<int64_t>(), rows.size(0),
+                                     weight.data_ptr<float>(), weight.size(0), weight.stride(0),
                                      bias.has_value() ? bias->data_ptr<float>() : nullptr, idx.data_ptr<int64_t>(),
                                      idx.size(1), source_logits.data_ptr<float>(), k, static_cast<float>(beta),
-                                     static_cast<float>(scale), grad_scale.data_ptr<float>(),
-                                     value.data_ptr<float>(), hidden_grad.data_ptr<float>(),
+                                     static_cast<float>(scale), grad_scale.data_ptr<float>(), value.data_ptr<float>(),
+                                     hidden_grad.has_value() ? hidden_grad->data_ptr<float>() : nullptr,
                                      weight_grad.has_value() ? weight_grad->data_ptr<float>() : nullptr,
                                      bias_grad.has_value() ? bias_grad->data_ptr<float>() : nullptr,
                                      current_stream(hidden)),
                "topk_divergence");
-  return {value, hidden_grad};
+  return value;
 }
 
 }  // namespace

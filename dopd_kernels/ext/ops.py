@@ -37,17 +37,18 @@ def full_divergence_(student: Tensor, source: Tensor, targets: Tensor, kind: str
     return torch.ops.dopd.full_divergence_(student, source, targets, kind, beta, scale, grad_scale)
 
 
-def topk_divergence(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], idx: Tensor, source_logits: Tensor,
-                    kind: str, beta: float, scale: float, grad_scale: Tensor, weight_grad: Optional[Tensor],
-                    bias_grad: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    """Per row of hidden (R, H): D between the student's softmax over the K ids ``idx`` (R, K) of
-    ``scale * (hidden @ weight[idx].T + bias[idx])`` and softmax(source_logits) (R, K).
+def topk_divergence(hidden: Tensor, rows: Tensor, weight: Tensor, bias: Optional[Tensor], idx: Tensor,
+                    source_logits: Tensor, kind: str, beta: float, scale: float, grad_scale: Tensor,
+                    hidden_grad: Optional[Tensor], weight_grad: Optional[Tensor], bias_grad: Optional[Tensor]) -> Tensor:
+    """Per row r of ``hidden[rows]`` (rows: R distinct ids into hidden (N, H)): D between the student's softmax over
+    the K ids ``idx[r]`` of ``scale * (hidden[rows[r]] @ weight[idx[r]].T + bias[idx[r]])`` and
+    softmax(source_logits[r]).
 
-    Returns value (R,) and ``grad_scale[:, None] * dD/d hidden`` (R, H); adds ``grad_scale``-weighted dD/d weight
-    (and d bias) into ``weight_grad`` (V, H) and ``bias_grad`` (V,) when given. All float32; idx int64 in [0, V).
+    Returns value (R,); adds the ``grad_scale``-weighted dD/d hidden, dD/d weight, dD/d bias into ``hidden_grad``
+    (N, H), ``weight_grad`` (V, H) and ``bias_grad`` (V,) when given. All float32; idx, rows int64.
     """
-    return torch.ops.dopd.topk_divergence(hidden, weight, bias, idx, source_logits, kind, beta, scale, grad_scale,
-                                          weight_grad, bias_grad)
+    return torch.ops.dopd.topk_divergence(hidden, rows, weight, bias, idx, source_logits, kind, beta, scale,
+                                          grad_scale, hidden_grad, weight_grad, bias_grad)
 
 
 def _row_stats_fake(logits, targets, k, scale=1.0):
@@ -63,10 +64,10 @@ def _full_divergence_fake(student, source, targets, kind, beta, scale, grad_scal
     return student.new_empty(rows), student.new_empty(rows)
 
 
-def _topk_divergence_fake(hidden, weight, bias, idx, source_logits, kind, beta, scale, grad_scale, weight_grad,
-                          bias_grad):
+def _topk_divergence_fake(hidden, rows, weight, bias, idx, source_logits, kind, beta, scale, grad_scale, hidden_grad,
+                          weight_grad, bias_grad):
     torch._check(idx.shape == source_logits.shape, lambda: "dopd::topk_divergence: idx and source_logits differ")
-    return hidden.new_empty(hidden.shape[0]), hidden.new_empty(hidden.shape)
+    return hidden.new_empty(rows.shape[0])
 
 
 _registered = False
