@@ -61,8 +61,15 @@ inline RowStatsOut row_stats_outputs(const at::Tensor& logits, const at::Tensor&
           at::empty({rows, k}, f32.dtype(at::kLong))};
 }
 
+inline void check_softcap(double softcap) {
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0, "dopd: softcap must be finite and >= 0 (0: none), got ",
+              softcap);
+}
+
 inline void check_full_divergence(const at::Tensor& student, const at::Tensor& source, const at::Tensor& targets,
-                                  Kind kind, double beta, double scale, const at::Tensor& grad_scale) {
+                                  Kind kind, double beta, double scale, const at::Tensor& grad_scale,
+                                  double softcap) {
+  check_softcap(softcap);
   check_rows(student, "student");
   check_rows(source, "source");
   TORCH_CHECK(student.sizes() == source.sizes(), "dopd: student and source must have the same shape, got ",
@@ -83,7 +90,10 @@ inline void check_topk_divergence(const at::Tensor& hidden, const at::Tensor& ro
                                   const at::Tensor& source_logits, Kind kind, double beta, double scale,
                                   const at::Tensor& grad_scale, const c10::optional<at::Tensor>& hidden_grad,
                                   const c10::optional<at::Tensor>& weight_grad,
-                                  const c10::optional<at::Tensor>& bias_grad) {
+                                  const c10::optional<at::Tensor>& bias_grad, double logit_scale, double softcap) {
+  check_softcap(softcap);
+  TORCH_CHECK(std::isfinite(logit_scale) && logit_scale > 0, "dopd: logit_scale must be finite and > 0, got ",
+              logit_scale);
   check_rows(hidden, "hidden");
   check_rows(weight, "weight");
   TORCH_CHECK(hidden.is_contiguous(), "dopd: hidden must be contiguous");

@@ -28,15 +28,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> row_stats_cpu(const a
 
 std::tuple<at::Tensor, at::Tensor> full_divergence_cpu(at::Tensor& student, at::Tensor& source,
                                                        const at::Tensor& targets, c10::string_view kind,
-                                                       double beta, double scale, const at::Tensor& grad_scale) {
+                                                       double beta, double scale, const at::Tensor& grad_scale,
+                                                       double softcap) {
   const Kind k = parse_kind(std::string(kind));
-  check_full_divergence(student, source, targets, k, beta, scale, grad_scale);
+  check_full_divergence(student, source, targets, k, beta, scale, grad_scale, softcap);
   const int64_t rows = student.size(0);
   at::Tensor value = at::empty({rows}, student.options());
   at::Tensor target_logprob = at::empty({rows}, student.options());
   cpu::full_divergence(student.data_ptr<float>(), source.data_ptr<float>(), rows, student.size(1),
                        student.stride(0), source.stride(0), targets.data_ptr<int64_t>(), k,
-                       static_cast<float>(beta), static_cast<float>(scale), grad_scale.data_ptr<float>(),
+                       static_cast<float>(beta), static_cast<float>(scale), static_cast<float>(softcap),
+                       grad_scale.data_ptr<float>(),
                        value.data_ptr<float>(), target_logprob.data_ptr<float>());
   return {value, target_logprob};
 }
@@ -45,10 +47,11 @@ at::Tensor topk_divergence_cpu(const at::Tensor& hidden, const at::Tensor& rows,
                                const c10::optional<at::Tensor>& bias, const at::Tensor& idx,
                                const at::Tensor& source_logits, c10::string_view kind, double beta, double scale,
                                const at::Tensor& grad_scale, c10::optional<at::Tensor> hidden_grad,
-                               c10::optional<at::Tensor> weight_grad, c10::optional<at::Tensor> bias_grad) {
+                               c10::optional<at::Tensor> weight_grad, c10::optional<at::Tensor> bias_grad,
+                               double logit_scale, double softcap) {
   const Kind k = parse_kind(std::string(kind));
   check_topk_divergence(hidden, rows, weight, bias, idx, source_logits, k, beta, scale, grad_scale, hidden_grad,
-                        weight_grad, bias_grad);
+                        weight_grad, bias_grad, logit_scale, softcap);
   const int64_t vocab = weight.size(0), n_hidden = hidden.size(0);
   const int64_t* ids = idx.data_ptr<int64_t>();
   for (int64_t e = 0; e < idx.numel(); ++e) {
@@ -67,7 +70,8 @@ at::Tensor topk_divergence_cpu(const at::Tensor& hidden, const at::Tensor& rows,
   cpu::topk_divergence(hidden.data_ptr<float>(), hidden.size(1), row_ids, rows.size(0), weight.data_ptr<float>(),
                        vocab, weight.stride(0), bias.has_value() ? bias->data_ptr<float>() : nullptr, ids,
                        idx.size(1), source_logits.data_ptr<float>(), k, static_cast<float>(beta),
-                       static_cast<float>(scale), grad_scale.data_ptr<float>(), value.data_ptr<float>(),
+                       static_cast<float>(scale), static_cast<float>(logit_scale), static_cast<float>(softcap),
+                       grad_scale.data_ptr<float>(), value.data_ptr<float>(),
                        hidden_grad.has_value() ? hidden_grad->data_ptr<float>() : nullptr,
                        weight_grad.has_value() ? weight_grad->data_ptr<float>() : nullptr,
                        bias_grad.has_value() ? bias_grad->data_ptr<float>() : nullptr);
@@ -83,16 +87,18 @@ TORCH_LIBRARY(dopd, m) {
         "-> (Tensor lse, Tensor target_logit, Tensor topk_vals, Tensor topk_idx)");
   // Per row of the (C, V) student and source logits: the divergence `kind` between their softmaxes (of scale *
   // logits) and the student's target log-prob; student is overwritten with grad_scale * dD/d student, source
-  // is scratch (overwritten).
+  // is scratch (overwritten). softcap > 0: student holds soft-capped logits and the gradient is taken before
+  // the cap (times 1 - (student / softcap)^2).
   m.def("full_divergence_(Tensor(a!) student, Tensor(b!) source, Tensor targets, str kind, float beta, "
-        "float scale, Tensor grad_scale) -> (Tensor value, Tensor student_target_logprob)");
+        "float scale, Tensor grad_scale, float softcap=0.0) -> (Tensor value, Tensor student_target_logprob)");
   // Per row r of hidden[rows] (rows: R distinct ids into hidden (N, H)): the divergence over the source's K ids
   // idx (R, K) between the student's renormalized softmax of scale * (hidden W[idx]^T + b[idx]) and
   // softmax(source_logits); returns it (R,) and accumulates grad_scale * dD/d hidden, W, b into hidden_grad
-  // (N, H), weight_grad (V, H) and bias_grad (V,) where given.
+  // (N, H), weight_grad (V, H) and bias_grad (V,) where given. The model's logit transform (logit_scale, then
+  // softcap > 0: softcap * tanh(. / softcap)) is applied to the student's logits before scale, inside the op.
   m.def("topk_divergence(Tensor hidden, Tensor rows, Tensor weight, Tensor? bias, Tensor idx, Tensor source_logits, "
         "str kind, float beta, float scale, Tensor grad_scale, Tensor(a!)? hidden_grad, Tensor(b!)? weight_grad, "
-        "Tensor(c!)? bias_grad) -> Tensor value");
+        "Tensor(c!)? bias_grad, float logit_scale=1.0, float softcap=0.0) -> Tensor value");
 }
 
 TORCH_LIBRARY_IMPL(dopd, CPU, m) {

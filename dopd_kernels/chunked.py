@@ -13,10 +13,12 @@ autograd through ``attach.attach_grads``, whose backward only scales them by gra
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
 
+from . import ext
 from .attach import attach_grads
 from .chunked_losses import GradBuffers, Projection, student_full_rows, topk_rows
 from .chunked_stats import linear_stats
@@ -93,8 +95,12 @@ def chunked_routed_loss(
     # tokens, and larger GEMMs run closer to the BLAS peak.
     stats_chunk = STATS_CHUNK_FACTOR * config.chunk_size
     want = torch.is_grad_enabled()  # read before entering no_grad
+    # The compiled epilogues (chunked_ext.py) are wired for identity transforms only: their ops take a transform
+    # (softcap / logit_scale arguments), but until the calls pass it, a transform keeps the torch code.
+    identity = student_transform.is_identity and teacher_transform.is_identity and self_transform.is_identity
+    torch_code_only = contextlib.nullcontext() if identity else ext.forced(False)
 
-    with torch.no_grad():
+    with torch.no_grad(), torch_code_only:
         stats = {
             "self": linear_stats(h_p, self_proj.weight, self_proj.bias, y, inv_tau=inv_tau,
                                  top_k=k if "self" in topk_sources else 0, chunk_size=stats_chunk),

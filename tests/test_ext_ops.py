@@ -7,6 +7,7 @@ K, signed zeros, huge magnitudes, V below and not a multiple of the vector width
 import pytest
 import torch
 
+from dopd_kernels import LogitTransform
 from dopd_kernels.divergences import divergence
 
 from _ext import devices, require_device, require_ext
@@ -116,10 +117,36 @@ def test_full_divergence_matches_autograd(ext, device, kind, beta, case, v):
     torch.testing.assert_close(s.cpu().double(), r_grad, rtol=1e-4, atol=1e-6)
 
 
-def _ref_topk(h, w, b, idx, src, kind, beta, scale, grad_scale):
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("kind", ["rkl", "fkl", "jsd"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_full_divergence_gradient_through_a_softcap(ext, device, kind, masked):
+    """student holds soft-capped logits t = cap tanh(u / cap); the gradient is d/du (the transform's chain)."""
+    g = torch.Generator().manual_seed(7)
+    require_device(device)
+    cap, scale = 4.0, 1.3
+    u = torch.randn(4, 301, generator=g, dtype=torch.float64) * 5
+    zt = (u + torch.randn(4, 301, generator=g, dtype=torch.float64)).float()
+    if masked:
+        u[:, ::7] = float("-inf")
+        zt[:, ::7] = float("-inf")
+    y = torch.randint(0, 301, (4,), generator=g)
+    grad_scale = torch.rand(4, generator=g) + 0.5
+    ud = u.clone().requires_grad_()
+    t = LogitTransform(softcap=cap).apply(ud)
+    value = divergence((t * scale).log_softmax(-1), (zt.double() * scale).log_softmax(-1), kind, 0.5)
+    (value * grad_scale.double()).sum().backward()
+    s = t.detach().float().to(device)
+    out, _ = ext.full_divergence_(s, zt.clone().to(device), y.to(device), kind, 0.5, scale, grad_scale.to(device), cap)
+    torch.testing.assert_close(out.cpu().double(), value.detach(), rtol=1e-5, atol=1e-6)
+    assert torch.isfinite(s).all()
+    assert rel_err(s.cpu(), ud.grad) < 1e-5
+
+
+def _ref_topk(h, w, b, idx, src, kind, beta, scale, grad_scale, transform=LogitTransform()):
     hd, wd = h.double().requires_grad_(), w.double().requires_grad_()
     bd = None if b is None else b.double().requires_grad_()
-    z = torch.einsum("rh,rkh->rk", hd, wd[idx]) + (0 if bd is None else bd[idx])
+    z = transform.apply(torch.einsum("rh,rkh->rk", hd, wd[idx]) + (0 if bd is None else bd[idx]))
     ls = (z * scale).log_softmax(-1)
     value = divergence(ls, src.double().log_softmax(-1), kind, beta)
     (value * grad_scale.double()).sum().backward()
@@ -129,7 +156,9 @@ def _ref_topk(h, w, b, idx, src, kind, beta, scale, grad_scale):
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("kind,beta", [("rkl", 0.5), ("fkl", 0.5), ("jsd", 0.3)])
 @pytest.mark.parametrize("rows,hidden,vocab,k,bias", [(7, 37, 53, 5, True), (40, 16, 20, 20, False), (3, 70, 400, 128, True)])
-def test_topk_divergence_matches_autograd(ext, device, kind, beta, rows, hidden, vocab, k, bias):
+@pytest.mark.parametrize("transform", [LogitTransform(), LogitTransform(scale=1.7, softcap=2.5), LogitTransform(scale=0.6)],
+                         ids=["identity", "softcap", "scale"])
+def test_topk_divergence_matches_autograd(ext, device, kind, beta, rows, hidden, vocab, k, bias, transform):
     require_device(device)
     g = torch.Generator().manual_seed(rows + hidden)
     h = torch.randn(rows, hidden, generator=g)
@@ -139,7 +168,7 @@ def test_topk_divergence_matches_autograd(ext, device, kind, beta, rows, hidden,
     src = torch.randn(rows, k, generator=g) * 2
     grad_scale = torch.rand(rows, generator=g) + 0.5
     scale = 0.8
-    r_value, r_dh, r_dw, r_db = _ref_topk(h, w, b, idx, src, kind, beta, scale, grad_scale)
+    r_value, r_dh, r_dw, r_db = _ref_topk(h, w, b, idx, src, kind, beta, scale, grad_scale, transform)
     # the op reads rows `picked` of a larger hidden and adds into what the gradient buffers hold
     n_hidden = rows + 4
     picked = torch.randperm(n_hidden, generator=g)[:rows]
@@ -151,7 +180,8 @@ def test_topk_divergence_matches_autograd(ext, device, kind, beta, rows, hidden,
     dh, dw = dh0.clone().to(device), dw0.clone().to(device)
     db = db0.clone().to(device) if bias else None
     value = ext.topk_divergence(big.to(device), picked.to(device), w.to(device), None if b is None else b.to(device),
-                                idx.to(device), src.to(device), kind, beta, scale, grad_scale.to(device), dh, dw, db)
+                                idx.to(device), src.to(device), kind, beta, scale, grad_scale.to(device), dh, dw, db,
+                                transform.scale, transform.softcap or 0.0)
     torch.testing.assert_close(value.cpu().double(), r_value, rtol=1e-5, atol=1e-6)
     # fp32 sums over K ids with cancellations: compare the gradients as wholes (norm-relative)
     assert rel_err((dh.cpu() - dh0)[picked], r_dh) < 1e-5
@@ -197,11 +227,12 @@ def test_opcheck_every_op(ext, device):
         (torch.ops.dopd.row_stats.default, (z, y, 5, 0.5)),
         (torch.ops.dopd.row_stats.default, (z, y, 0, 1.0)),
         (torch.ops.dopd.full_divergence_.default, (z.clone(), z.flip(1).contiguous(), y, "jsd", 0.5, 1.0, ones)),
+        (torch.ops.dopd.full_divergence_.default, (z.tanh(), z.flip(1).contiguous(), y, "rkl", 0.5, 1.0, ones, 1.0)),
         (torch.ops.dopd.topk_divergence.default, (h, rows, w, torch.randn(37, device=device), idx,
                                                   torch.randn(4, 5, device=device), "rkl", 0.5, 1.0, ones,
                                                   torch.zeros_like(h), torch.zeros_like(w), torch.zeros(37, device=device))),
         (torch.ops.dopd.topk_divergence.default, (h, rows, w, None, idx, torch.randn(4, 5, device=device), "fkl", 0.5,
-                                                  2.0, ones, None, None, None)),
+                                                  2.0, ones, None, None, None, 0.5, 3.0)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)

@@ -26,10 +26,10 @@ const Vec kZero(0.0f);
 inline Vec unless_zero(const Vec& p, const Vec& x) { return Vec::blendv(x, kZero, p == kZero); }
 
 // The divergence of one row pair. zs / zt: n raw logits of the student / source (log-softmax of scale_s * zs
-// and scale_t * zt). Writes coef * dD/dzs into zs (chain factor scale_s included); zt is scratch. When
-// 0 <= target < n, *target_logprob = ls[target].
+// and scale_t * zt). Writes coef * dD/dzs into zs (chain factor scale_s included; with softcap > 0, also the
+// soft-cap's 1 - (zs / softcap)^2); zt is scratch. When 0 <= target < n, *target_logprob = ls[target].
 float row_divergence(float* zs, float* zt, int64_t n, float scale_s, float scale_t, Kind kind, float beta,
-                     float coef, int64_t target, float* target_logprob) {
+                     float coef, float softcap, int64_t target, float* target_logprob) {
   // log_softmax(x) = (x - xmax) - logsum with x = scale * z rounded, as torch computes it (exact at the max)
   const float max_s = row_max(zs, n), max_t = row_max(zt, n);
   const float xmax_s = scale_s * max_s, xmax_t = scale_t * max_t;
@@ -39,29 +39,37 @@ float row_divergence(float* zs, float* zt, int64_t n, float scale_s, float scale
     *target_logprob = (target >= 0 && target < n) ? (scale_s * zs[target] - xmax_s) - sum_s : kNaN;
   }
   const Vec as(scale_s), ms(xmax_s), bs(sum_s), at_(scale_t), mt(xmax_t), bt(sum_t);
-  const Vec vbeta(beta), vbeta1(1.0f - beta);
+  const Vec vbeta(beta), vbeta1(1.0f - beta), one(1.0f), inv_cap(softcap > 0.0f ? 1.0f / softcap : 0.0f);
+  // the soft-cap's derivative 1 - (t / cap)^2 at the student's logits t: 1 without a cap, 0 at -inf (the
+  // transform keeps -inf, and its derivative there is 0)
+  const Vec neg_inf(kNegInf);
+  auto cap_factor = [&](const Vec& t) {
+    return softcap > 0.0f ? Vec::blendv(one - (t * inv_cap) * (t * inv_cap), kZero, t == neg_inf) : one;
+  };
   SumAcc acc_s, acc_t;
   // Sweep 2 on `count` lanes at offset i (count < kW only for the tail; lanes past it add 0, store nothing).
+  // s is stored times the cap factor: sweep 3 needs only the product.
   auto sweep2 = [&](int64_t i, int64_t count) {
-    const Vec ls = (Vec::loadu(zs + i, count) * as - ms) - bs;
+    const Vec zi = Vec::loadu(zs + i, count);
+    const Vec ls = (zi * as - ms) - bs;
     const Vec lt = (Vec::loadu(zt + i, count) * at_ - mt) - bt;
     const Vec s = ls.exp();  // accurate exps here: s near 1 must be 1 (the gradient is s (d - value))
     if (kind == Kind::rkl) {
       const Vec d = unless_zero(s, ls - lt);
       acc_s.add(first(s * d, count));
-      s.store(zs + i, count);
+      (s * cap_factor(zi)).store(zs + i, count);
       d.store(zt + i, count);
     } else if (kind == Kind::fkl) {
       const Vec t = lt.exp();
       acc_t.add(first(unless_zero(t, t * (lt - ls)), count));
-      ((s - t) * Vec(coef * scale_s)).store(zs + i, count);
+      ((s - t) * cap_factor(zi) * Vec(coef * scale_s)).store(zs + i, count);
     } else {
       const Vec t = lt.exp();
       const Vec lm = at::vec::fmadd(t, vbeta, s * vbeta1).log();
       const Vec d = unless_zero(s, ls - lm);
       acc_t.add(first(unless_zero(t, t * (lt - lm)), count));
       acc_s.add(first(s * d, count));
-      s.store(zs + i, count);
+      (s * cap_factor(zi)).store(zs + i, count);
       d.store(zt + i, count);
     }
   };
@@ -115,20 +123,21 @@ inline void axpy(float alpha, const float* x, float* y, int64_t n) {
 }  // namespace
 
 void full_divergence(float* student, float* source, int64_t rows, int64_t vocab, int64_t stride_s,
-                     int64_t stride_t, const int64_t* targets, Kind kind, float beta, float scale,
+                     int64_t stride_t, const int64_t* targets, Kind kind, float beta, float scale, float softcap,
                      const float* grad_scale, float* value, float* target_logprob) {
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       value[r] = row_divergence(student + r * stride_s, source + r * stride_t, vocab, scale, scale, kind, beta,
-                                grad_scale[r], targets[r], target_logprob + r);
+                                grad_scale[r], softcap, targets[r], target_logprob + r);
     }
   });
 }
 
 void topk_divergence(const float* hidden, int64_t hidden_size, const int64_t* rows, int64_t n_rows,
                      const float* weight, int64_t vocab, int64_t stride_w, const float* bias, const int64_t* idx,
-                     int64_t k, const float* source_logits, Kind kind, float beta, float scale,
-                     const float* grad_scale, float* value, float* hidden_grad, float* weight_grad, float* bias_grad) {
+                     int64_t k, const float* source_logits, Kind kind, float beta, float scale, float logit_scale,
+                     float softcap, const float* grad_scale, float* value, float* hidden_grad, float* weight_grad,
+                     float* bias_grad) {
   const bool fold_weight = weight_grad != nullptr || bias_grad != nullptr;
   // coef * dD/dz per (row, j), kept for the weight fold below.
   std::vector<float> grad_z(fold_weight ? n_rows * k : 0);
@@ -140,10 +149,14 @@ void topk_divergence(const float* hidden, int64_t hidden_size, const int64_t* ro
       const float* h = hidden + rows[r] * hidden_size;
       const int64_t* ids = idx + r * k;
       for (int64_t j = 0; j < k; ++j) {
-        zs[j] = dot(h, weight + ids[j] * stride_w, hidden_size) + (bias != nullptr ? bias[ids[j]] : 0.0f);
+        const float y = dot(h, weight + ids[j] * stride_w, hidden_size) + (bias != nullptr ? bias[ids[j]] : 0.0f);
+        // the logit transform (softcap * tanh(logit_scale * y / softcap) keeps -inf) ...
+        zs[j] = softcap > 0.0f ? (y == kNegInf ? y : softcap * std::tanh(logit_scale * y / softcap)) : logit_scale * y;
       }
       std::copy(source_logits + r * k, source_logits + (r + 1) * k, zt.begin());
-      value[r] = row_divergence(zs.data(), zt.data(), k, scale, 1.0f, kind, beta, grad_scale[r], -1, nullptr);
+      // ... and its derivative: the cap's inside row_divergence, logit_scale in the coefficient
+      value[r] = row_divergence(zs.data(), zt.data(), k, scale, 1.0f, kind, beta, grad_scale[r] * logit_scale,
+                                softcap, -1, nullptr);
       if (fold_weight) std::copy(zs.begin(), zs.end(), grad_z.begin() + r * k);
       if (hidden_grad == nullptr) continue;
       float* dh = hidden_grad + rows[r] * hidden_size;  // rows are distinct: no other thread writes it

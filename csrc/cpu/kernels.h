@@ -19,13 +19,16 @@ void row_stats(const float* z, int64_t rows, int64_t vocab, int64_t stride, cons
 // Per row r, with ls = log_softmax(scale * student[r]) and lt = log_softmax(scale * source[r]):
 //   value[r] = D(ls, lt) (kind, beta), target_logprob[r] = ls[targets[r]] (NaN outside [0, vocab)),
 //   student[r] <- grad_scale[r] * dD/d student[r] (the chain factor `scale` included); source[r] is scratch.
+// softcap > 0: student holds soft-capped logits t = softcap * tanh(u / softcap) and the gradient is taken with
+// respect to u (times 1 - (t / softcap)^2; 0 at -inf entries).
 void full_divergence(float* student, float* source, int64_t rows, int64_t vocab, int64_t stride_s,
-                     int64_t stride_t, const int64_t* targets, Kind kind, float beta, float scale,
+                     int64_t stride_t, const int64_t* targets, Kind kind, float beta, float scale, float softcap,
                      const float* grad_scale, float* value, float* target_logprob);
 
 // Per row r (hidden row rows[r]), the student's logits at the source's top-K ids,
-// z[r, j] = scale * (hidden[rows[r]] . weight[idx[r, j]] + bias[idx[r, j]]), and ls / lt the log-softmaxes over
-// the K entries of z[r] and source_logits[r]:
+// z[r, j] = scale * T(hidden[rows[r]] . weight[idx[r, j]] + bias[idx[r, j]]) with the model's logit transform
+// T(y) = softcap * tanh(logit_scale * y / softcap) (softcap > 0, -inf kept) or logit_scale * y, and ls / lt the
+// log-softmaxes over the K entries of z[r] and source_logits[r]:
 //   value[r] = D(ls, lt); hidden_grad[rows[r]] += grad_scale[r] * dD/d hidden (when not null);
 //   weight_grad[idx[r, j]] += grad_scale[r] * dD/d weight[idx[r, j]] (and bias_grad alike) when not null.
 // idx must hold ids in [0, vocab) and rows distinct ids in [0, n_hidden) (checked by the caller). weight_grad is
@@ -33,7 +36,8 @@ void full_divergence(float* student, float* source, int64_t rows, int64_t vocab,
 // (deterministic order).
 void topk_divergence(const float* hidden, int64_t hidden_size, const int64_t* rows, int64_t n_rows,
                      const float* weight, int64_t vocab, int64_t stride_w, const float* bias, const int64_t* idx,
-                     int64_t k, const float* source_logits, Kind kind, float beta, float scale,
-                     const float* grad_scale, float* value, float* hidden_grad, float* weight_grad, float* bias_grad);
+                     int64_t k, const float* source_logits, Kind kind, float beta, float scale, float logit_scale,
+                     float softcap, const float* grad_scale, float* value, float* hidden_grad, float* weight_grad,
+                     float* bias_grad);
 
 }  // namespace dopd::cpu

@@ -265,10 +265,18 @@ __global__ void __launch_bounds__(kStatsThreads)
 
 // The divergence of one row pair over n entries (global or shared memory), by the whole block: as
 // cpu::row_divergence. zs <- coef * dD/dzs (scale_s included), zt scratch; thread 0 writes *target_logprob.
+// The soft-cap's derivative 1 - (t / cap)^2 at a capped logit t (1 without a cap, 0 at -inf).
+__device__ __forceinline__ float cap_factor(float t, float softcap) {
+  if (softcap <= 0.f) return 1.f;
+  if (t == -INFINITY) return 0.f;
+  const float u = t / softcap;
+  return 1.f - u * u;
+}
+
 template <int T>
 __device__ float block_divergence(float* zs, float* zt, int64_t n, float scale_s, float scale_t, Kind kind,
-                                  float beta, float coef, int64_t target, float* target_logprob, float* red_m,
-                                  float* red_s) {
+                                  float beta, float coef, float softcap, int64_t target, float* target_logprob,
+                                  float* red_m, float* red_s) {
   const int tid = threadIdx.x;
   MaxSum ps{-INFINITY, 0.f}, pt{-INFINITY, 0.f};
   bool nan = false;
@@ -291,25 +299,27 @@ __device__ float block_divergence(float* zs, float* zt, int64_t n, float scale_s
   const float beta1 = 1.f - beta;
   float acc_s = 0.f, acc_t = 0.f;
   for (int64_t i = tid; i < n; i += T) {
-    const float ls = (__fmul_rn(scale_s, zs[i]) - ps.m) - sum_s;
+    const float zi = zs[i];
+    const float ls = (__fmul_rn(scale_s, zi) - ps.m) - sum_s;
     const float lt = (__fmul_rn(scale_t, zt[i]) - pt.m) - sum_t;
     const float s = expf(ls);  // accurate: s near 1 must be 1 (grad = s (d - value))
+    // s is stored times the cap factor: the last sweep needs only the product
     if (kind == Kind::rkl) {
       const float d = s == 0.f ? 0.f : ls - lt;
       acc_s += s * d;
-      zs[i] = s;
+      zs[i] = s * cap_factor(zi, softcap);
       zt[i] = d;
     } else if (kind == Kind::fkl) {
       const float t = expf(lt);
       acc_t += t == 0.f ? 0.f : t * (lt - ls);
-      zs[i] = coef * scale_s * (s - t);
+      zs[i] = coef * scale_s * (s - t) * cap_factor(zi, softcap);
     } else {
       const float t = expf(lt);
       const float lm = logf(fmaf(beta, t, beta1 * s));
       const float d = s == 0.f ? 0.f : ls - lm;
       acc_t += t == 0.f ? 0.f : t * (lt - lm);
       acc_s += s * d;
-      zs[i] = s;
+      zs[i] = s * cap_factor(zi, softcap);
       zt[i] = d;
     }
   }
@@ -324,13 +334,13 @@ __device__ float block_divergence(float* zs, float* zt, int64_t n, float scale_s
 
 __global__ void __launch_bounds__(kRowThreads)
     full_divergence_kernel(float* student, float* source, int64_t vocab, int64_t stride_s, int64_t stride_t,
-                           const int64_t* __restrict__ targets, Kind kind, float beta, float scale,
+                           const int64_t* __restrict__ targets, Kind kind, float beta, float scale, float softcap,
                            const float* __restrict__ grad_scale, float* __restrict__ value,
                            float* __restrict__ target_logprob) {
   __shared__ float red_m[kRowThreads / 32], red_s[kRowThreads / 32];
   const int64_t row = blockIdx.x;
   const float v = block_divergence<kRowThreads>(student + row * stride_s, source + row * stride_t, vocab, scale,
-                                                scale, kind, beta, grad_scale[row], targets[row],
+                                                scale, kind, beta, grad_scale[row], softcap, targets[row],
                                                 target_logprob + row, red_m, red_s);
   if (threadIdx.x == 0) value[row] = v;
 }
@@ -340,8 +350,8 @@ __global__ void __launch_bounds__(kTopkThreads)
                            const float* __restrict__ weight, int64_t vocab, int64_t stride_w,
                            const float* __restrict__ bias, const int64_t* __restrict__ idx, int k,
                            const float* __restrict__ source_logits, Kind kind, float beta, float scale,
-                           const float* __restrict__ grad_scale, float* __restrict__ value, float* hidden_grad,
-                           float* weight_grad, float* bias_grad) {
+                           float logit_scale, float softcap, const float* __restrict__ grad_scale,
+                           float* __restrict__ value, float* hidden_grad, float* weight_grad, float* bias_grad) {
   constexpr int T = kTopkThreads;
   extern __shared__ float logits[];  // the student's k logits, then the source's
   float* zs = logits;
@@ -360,11 +370,17 @@ __global__ void __launch_bounds__(kTopkThreads)
     float dot = 0.f;
     for (int64_t c = lane; c < hidden_size; c += 32) dot = fmaf(h[c], w[c], dot);
     dot = warp_sum(dot);
-    if (lane == 0) zs[j] = dot + (bias != nullptr ? bias[id] : 0.f);
+    if (lane == 0) {
+      const float y = dot + (bias != nullptr ? bias[id] : 0.f);
+      // the model's logit transform (the cap keeps -inf); its derivative: the cap's in block_divergence,
+      // logit_scale in the coefficient
+      zs[j] = softcap > 0.f ? (y == -INFINITY ? y : softcap * tanhf(logit_scale * y / softcap)) : logit_scale * y;
+    }
   }
   for (int j = threadIdx.x; j < k; j += T) zt[j] = source_logits[r * k + j];
   __syncthreads();
-  const float v = block_divergence<T>(zs, zt, k, scale, 1.f, kind, beta, grad_scale[r], -1, nullptr, red_m, red_s);
+  const float v = block_divergence<T>(zs, zt, k, scale, 1.f, kind, beta, grad_scale[r] * logit_scale, softcap, -1,
+                                      nullptr, red_m, red_s);
   if (threadIdx.x == 0) value[r] = v;
   __syncthreads();  // zs holds the gradient of every id
   if (hidden_grad != nullptr || weight_grad != nullptr) {
@@ -401,24 +417,26 @@ int row_stats(const float* z, int64_t rows, int64_t vocab, int64_t stride, const
 }
 
 int full_divergence(float* student, float* source, int64_t rows, int64_t vocab, int64_t stride_s, int64_t stride_t,
-                    const int64_t* targets, Kind kind, float beta, float scale, const float* grad_scale,
-                    float* value, float* target_logprob, void* stream) {
+                    const int64_t* targets, Kind kind, float beta, float scale, float softcap,
+                    const float* grad_scale, float* value, float* target_logprob, void* stream) {
   if (rows == 0) return 0;
   full_divergence_kernel<<<static_cast<unsigned>(rows), kRowThreads, 0, static_cast<cudaStream_t>(stream)>>>(
-      student, source, vocab, stride_s, stride_t, targets, kind, beta, scale, grad_scale, value, target_logprob);
+      student, source, vocab, stride_s, stride_t, targets, kind, beta, scale, softcap, grad_scale, value,
+      target_logprob);
   return static_cast<int>(cudaGetLastError());
 }
 
 int topk_divergence(const float* hidden, int64_t hidden_size, const int64_t* rows, int64_t n_rows, const float* weight,
                     int64_t vocab, int64_t stride_w, const float* bias, const int64_t* idx, int64_t k,
-                    const float* source_logits, Kind kind, float beta, float scale, const float* grad_scale,
-                    float* value, float* hidden_grad, float* weight_grad, float* bias_grad, void* stream) {
+                    const float* source_logits, Kind kind, float beta, float scale, float logit_scale,
+                    float softcap, const float* grad_scale, float* value, float* hidden_grad, float* weight_grad,
+                    float* bias_grad, void* stream) {
   if (n_rows == 0) return 0;
   topk_divergence_kernel<<<static_cast<unsigned>(n_rows), kTopkThreads, 2 * k * sizeof(float),
                            static_cast<cudaStream_t>(stream)>>>(hidden, hidden_size, rows, weight, vocab, stride_w,
                                                                 bias, idx, static_cast<int>(k), source_logits, kind,
-                                                                beta, scale, grad_scale, value, hidden_grad,
-                                                                weight_grad, bias_grad);
+                                                                beta, scale, logit_scale, softcap, grad_scale, value,
+                                                                hidden_grad, weight_grad, bias_grad);
   return static_cast<int>(cudaGetLastError());
 }
 

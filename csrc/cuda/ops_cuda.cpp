@@ -44,10 +44,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> row_stats_cuda(const 
 
 std::tuple<at::Tensor, at::Tensor> full_divergence_cuda(at::Tensor& student, at::Tensor& source,
                                                         const at::Tensor& targets, c10::string_view kind,
-                                                        double beta, double scale, const at::Tensor& grad_scale) {
+                                                        double beta, double scale, const at::Tensor& grad_scale,
+                                                        double softcap) {
   c10::DeviceGuard guard(student.device());
   const Kind k = parse_kind(std::string(kind));
-  check_full_divergence(student, source, targets, k, beta, scale, grad_scale);
+  check_full_divergence(student, source, targets, k, beta, scale, grad_scale, softcap);
   check_grid(student.size(0));
   const int64_t rows = student.size(0);
   at::Tensor value = at::empty({rows}, student.options());
@@ -55,8 +56,9 @@ std::tuple<at::Tensor, at::Tensor> full_divergence_cuda(at::Tensor& student, at:
   check_launch(cuda::full_divergence(student.data_ptr<float>(), source.data_ptr<float>(), rows, student.size(1),
                                      student.stride(0), source.stride(0), targets.data_ptr<int64_t>(), k,
                                      static_cast<float>(beta), static_cast<float>(scale),
-                                     grad_scale.data_ptr<float>(), value.data_ptr<float>(),
-                                     target_logprob.data_ptr<float>(), current_stream(student)),
+                                     static_cast<float>(softcap), grad_scale.data_ptr<float>(),
+                                     value.data_ptr<float>(), target_logprob.data_ptr<float>(),
+                                     current_stream(student)),
                "full_divergence_");
   return {value, target_logprob};
 }
@@ -65,11 +67,12 @@ at::Tensor topk_divergence_cuda(const at::Tensor& hidden, const at::Tensor& rows
                                 const c10::optional<at::Tensor>& bias, const at::Tensor& idx,
                                 const at::Tensor& source_logits, c10::string_view kind, double beta, double scale,
                                 const at::Tensor& grad_scale, c10::optional<at::Tensor> hidden_grad,
-                                c10::optional<at::Tensor> weight_grad, c10::optional<at::Tensor> bias_grad) {
+                                c10::optional<at::Tensor> weight_grad, c10::optional<at::Tensor> bias_grad,
+                                double logit_scale, double softcap) {
   c10::DeviceGuard guard(hidden.device());
   const Kind k = parse_kind(std::string(kind));
   check_topk_divergence(hidden, rows, weight, bias, idx, source_logits, k, beta, scale, grad_scale, hidden_grad,
-                        weight_grad, bias_grad);
+                        weight_grad, bias_grad, logit_scale, softcap);
   TORCH_CHECK(idx.size(1) <= cuda::kMaxTopK, "dopd::topk_divergence: K must be <= ", cuda::kMaxTopK, " on CUDA");
   check_grid(rows.size(0));
   // ids outside [0, V) stop the kernel (no host sync to check them here); rows may repeat (atomic d hidden)
@@ -78,7 +81,8 @@ at::Tensor topk_divergence_cuda(const at::Tensor& hidden, const at::Tensor& rows
                                      weight.data_ptr<float>(), weight.size(0), weight.stride(0),
                                      bias.has_value() ? bias->data_ptr<float>() : nullptr, idx.data_ptr<int64_t>(),
                                      idx.size(1), source_logits.data_ptr<float>(), k, static_cast<float>(beta),
-                                     static_cast<float>(scale), grad_scale.data_ptr<float>(), value.data_ptr<float>(),
+                                     static_cast<float>(scale), static_cast<float>(logit_scale),
+                                     static_cast<float>(softcap), grad_scale.data_ptr<float>(), value.data_ptr<float>(),
                                      hidden_grad.has_value() ? hidden_grad->data_ptr<float>() : nullptr,
                                      weight_grad.has_value() ? weight_grad->data_ptr<float>() : nullptr,
                                      bias_grad.has_value() ? bias_grad->data_ptr<float>() : nullptr,

@@ -26,29 +26,34 @@ def row_stats(logits: Tensor, targets: Tensor, k: int, scale: float = 1.0) -> tu
 
 
 def full_divergence_(student: Tensor, source: Tensor, targets: Tensor, kind: str, beta: float, scale: float,
-                     grad_scale: Tensor) -> tuple[Tensor, Tensor]:
+                     grad_scale: Tensor, softcap: float = 0.0) -> tuple[Tensor, Tensor]:
     """Per row: D = ``kind`` ("rkl" | "fkl" | "jsd" with ``beta``) between softmax(scale * student) and
     softmax(scale * source), and the student's log-prob of ``targets``.
 
-    student, source (C, V) float32; grad_scale (C,) float32. In place: ``student`` becomes
-    ``grad_scale[:, None] * dD/d student`` (the factor ``scale`` included); ``source`` is overwritten (scratch).
-    Returns value (C,) and student_target_logprob (C,).
+    student, source (C, V) float32 (after the models' logit transforms); grad_scale (C,) float32. In place:
+    ``student`` becomes ``grad_scale[:, None] * dD/d student`` (the factor ``scale`` included; with ``softcap`` > 0
+    the student's logits are soft-capped ones and the gradient is taken before the cap); ``source`` is scratch.
+    A transform's multiplier is a constant factor: fold it into grad_scale. Returns value (C,) and the
+    student's target log-prob (C,).
     """
-    return torch.ops.dopd.full_divergence_(student, source, targets, kind, beta, scale, grad_scale)
+    return torch.ops.dopd.full_divergence_(student, source, targets, kind, beta, scale, grad_scale, softcap)
 
 
 def topk_divergence(hidden: Tensor, rows: Tensor, weight: Tensor, bias: Optional[Tensor], idx: Tensor,
                     source_logits: Tensor, kind: str, beta: float, scale: float, grad_scale: Tensor,
-                    hidden_grad: Optional[Tensor], weight_grad: Optional[Tensor], bias_grad: Optional[Tensor]) -> Tensor:
+                    hidden_grad: Optional[Tensor], weight_grad: Optional[Tensor], bias_grad: Optional[Tensor],
+                    logit_scale: float = 1.0, softcap: float = 0.0) -> Tensor:
     """Per row r of ``hidden[rows]`` (rows: R distinct ids into hidden (N, H)): D between the student's softmax over
     the K ids ``idx[r]`` of ``scale * (hidden[rows[r]] @ weight[idx[r]].T + bias[idx[r]])`` and
     softmax(source_logits[r]).
 
-    Returns value (R,); adds the ``grad_scale``-weighted dD/d hidden, dD/d weight, dD/d bias into ``hidden_grad``
-    (N, H), ``weight_grad`` (V, H) and ``bias_grad`` (V,) when given. All float32; idx, rows int64.
+    The model's logit transform (``LogitTransform(logit_scale, softcap)``; softcap 0: none) is applied to the
+    student's logits inside, before ``scale``. Returns value (R,); adds the ``grad_scale``-weighted dD/d hidden,
+    dD/d weight, dD/d bias into ``hidden_grad`` (N, H), ``weight_grad`` (V, H) and ``bias_grad`` (V,) when given.
+    All float32; idx, rows int64.
     """
     return torch.ops.dopd.topk_divergence(hidden, rows, weight, bias, idx, source_logits, kind, beta, scale,
-                                          grad_scale, hidden_grad, weight_grad, bias_grad)
+                                          grad_scale, hidden_grad, weight_grad, bias_grad, logit_scale, softcap)
 
 
 def _row_stats_fake(logits, targets, k, scale=1.0):
@@ -58,14 +63,14 @@ def _row_stats_fake(logits, targets, k, scale=1.0):
             logits.new_empty(rows, k, dtype=torch.int64))
 
 
-def _full_divergence_fake(student, source, targets, kind, beta, scale, grad_scale):
+def _full_divergence_fake(student, source, targets, kind, beta, scale, grad_scale, softcap=0.0):
     torch._check(student.shape == source.shape, lambda: "dopd::full_divergence_: student and source shapes differ")
     rows = student.shape[0]
     return student.new_empty(rows), student.new_empty(rows)
 
 
 def _topk_divergence_fake(hidden, rows, weight, bias, idx, source_logits, kind, beta, scale, grad_scale, hidden_grad,
-                          weight_grad, bias_grad):
+                          weight_grad, bias_grad, logit_scale=1.0, softcap=0.0):
     torch._check(idx.shape == source_logits.shape, lambda: "dopd::topk_divergence: idx and source_logits differ")
     return hidden.new_empty(rows.shape[0])
 
