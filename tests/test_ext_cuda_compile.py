@@ -1,7 +1,7 @@
 """The extension's CUDA sources compile for Hopper (sm_90) without a GPU, and register a CUDA kernel per op.
 
-csrc/cuda/kernels.cu is a standalone CUDA translation unit (no torch header: raw pointers and launchers), so
-nvcc compiles it here as it would in a CUDA build; csrc/cuda/ops_cuda.cpp (the torch glue) is host C++ that
+csrc/cuda/*.cu are standalone CUDA translation units (no torch header: raw pointers and launchers), so nvcc
+compiles them here as it would in a CUDA build; csrc/cuda/ops_cuda.cpp (the torch glue) is host C++ that
 needs no CUDA header, so it compiles against this CPU torch's headers. Both are linked with libcudart into a
 probe library that a child process loads beside the CPU build: every op must then have a CUDA kernel.
 """
@@ -42,9 +42,13 @@ def _run(cmd: list, timeout: int = 240) -> str:
 def test_cuda_sources_compile_for_sm90_and_register(tmp_path):
     cuda_home = _cuda_home()
     nvcc = os.path.join(cuda_home, "bin", "nvcc")
-    kernels_o, glue_o, probe = tmp_path / "kernels.o", tmp_path / "ops_cuda.o", tmp_path / "dopd_cuda_probe.so"
-    ptxas = _run([nvcc, "-gencode", "arch=compute_90,code=sm_90", "-O3", "-DNDEBUG", "-std=c++17", "-Xcompiler", "-fPIC",
-                  "--resource-usage", "-c", os.path.join(CSRC, "cuda", "kernels.cu"), "-o", str(kernels_o)])
+    glue_o, probe = tmp_path / "ops_cuda.o", tmp_path / "dopd_cuda_probe.so"
+    sources = sorted(f for f in os.listdir(os.path.join(CSRC, "cuda")) if f.endswith(".cu"))
+    objects, ptxas = [], ""
+    for name in sources:
+        objects.append(str(tmp_path / name.replace(".cu", ".o")))
+        ptxas += _run([nvcc, "-gencode", "arch=compute_90,code=sm_90", "-O3", "-DNDEBUG", "-std=c++17", "-Xcompiler",
+                       "-fPIC", "--resource-usage", "-c", os.path.join(CSRC, "cuda", name), "-o", objects[-1]])
     for name in KERNELS:
         entry = re.search(rf"Compiling entry function '\w*{name}\w*' for 'sm_90'", ptxas)
         assert entry, f"{name} was not compiled for sm_90:\n{ptxas[-3000:]}"
@@ -52,7 +56,7 @@ def test_cuda_sources_compile_for_sm90_and_register(tmp_path):
     _run(["c++", "-std=c++20", "-O2", "-fPIC", "-D_GLIBCXX_USE_CXX11_ABI=" + str(int(torch._C._GLIBCXX_USE_CXX11_ABI)),
           *includes, "-c", os.path.join(CSRC, "cuda", "ops_cuda.cpp"), "-o", str(glue_o)])
     torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
-    _run(["c++", "-shared", str(glue_o), str(kernels_o), "-o", str(probe), f"-L{torch_lib}", "-lc10", "-ltorch_cpu",
+    _run(["c++", "-shared", str(glue_o), *objects, "-o", str(probe), f"-L{torch_lib}", "-lc10", "-ltorch_cpu",
           f"-L{os.path.join(cuda_home, 'lib64')}", "-lcudart", f"-Wl,-rpath,{os.path.join(cuda_home, 'lib64')}"])
     require_ext()  # the CPU build defines the ops; the probe adds their CUDA kernels
     check = ("import sys, torch, dopd_kernels.ext as e\n"

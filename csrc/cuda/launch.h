@@ -1,5 +1,5 @@
-// Launchers of the CUDA kernels (kernels.cu), on raw device pointers: no torch header on either side of this
-// interface, so kernels.cu compiles as a standalone CUDA translation unit (the tests compile it for sm_90 with
+// Launchers of the CUDA kernels (row_stats.cu, divergence.cu), on raw device pointers: no torch header on either
+// side of this interface, so the .cu files compile as standalone CUDA translation units (the tests compile them for sm_90 with
 // nvcc on a machine without a GPU). Each returns 0 or the cudaError_t of the launch; `stream` is a cudaStream_t.
 // Contracts: as the CPU kernels (../cpu/kernels.h).
 #pragma once

@@ -1,4 +1,4 @@
-// CUDA registrations of the dopd ops: the checks of ../checks.h, then the launchers of kernels.cu on the
+// CUDA registrations of the dopd ops: the checks of ../checks.h, then the launchers of the .cu files on the
 // current stream. Host C++ only, with no CUDA header: the stream comes from c10's device-generic guard
 // interface (CUDAGuardImpl behind it), so this file compiles with the headers of any torch build.
 #include <c10/core/DeviceGuard.h>
