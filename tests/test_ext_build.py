@@ -29,7 +29,7 @@ print("loss", bool(torch.isfinite(out.loss)))
 
 def _probe(**env) -> str:
     done = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": ROOT, **env}, cwd=ROOT)
+                          env={**os.environ, "PYTHONPATH": ROOT, "DOPD_EXT": "1", **env}, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
