@@ -39,6 +39,16 @@ def _runs(route_rows: Tensor) -> list[tuple[int, int, int]]:
     return out
 
 
+def full_chunk_rows(config: RouteConfig, weight: Tensor) -> int:
+    """Rows per chunk of the student-full rows: 2 x chunk_size where the ops cover every such chunk.
+
+    The ops hold two (C, V) buffers (student, source; in place) where the torch code holds about five, so twice
+    the rows still peak below it, and the GEMMs of 512 rows run ~10% closer to the BLAS peak than 256 on CPU.
+    """
+    covered = config.ce_weight == 0 and all(spec.support != "sampled" for spec in config.routes) and ext.usable(weight)
+    return 2 * config.chunk_size if covered else config.chunk_size
+
+
 def full_chunk(z: Tensor, chunk: Tensor, *, route: Tensor, targets: Tensor,
                sources: dict[str, tuple[Tensor, "Projection"]], red_w: Tensor, config: RouteConfig,
                student_logprob: Tensor, want_grad: bool) -> Optional[Tensor]:

@@ -86,7 +86,7 @@ def student_full_rows(
     """
     inv_tau = 1.0 / config.temperature
     rids = [rid for rid, spec in enumerate(config.routes) if spec.support in ("full", "sampled")]
-    for chunk in rows.split(config.chunk_size):
+    for chunk in rows.split(chunked_ext.full_chunk_rows(config, student.weight)):
         h = student_hidden.index_select(0, chunk).to(student.weight.dtype)
         z = scaled_logits(h, student.weight, student.bias, inv_tau)
         fused = chunked_ext.full_chunk(z, chunk, route=route, targets=targets, sources=sources, red_w=red_w,

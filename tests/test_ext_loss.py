@@ -1,6 +1,8 @@
 """The whole loss on the PyTorch path with the compiled ops against the float64 reference, every preset; the
 switch (DOPD_EXT=0, ext.forced) that keeps the torch code; the Triton statistics pass in its "cuda" mode."""
 
+import types
+
 import pytest
 import torch
 
@@ -8,7 +10,7 @@ import dopd_kernels.ext as ext_module
 from dopd_kernels import PRESETS, RouteConfig, RouteSpec
 
 from _ext import require_ext
-from _inputs import assert_outputs_close, make_inputs, run_backend
+from _inputs import FIELDS, assert_outputs_close, make_inputs, run_backend
 
 OPS = ("row_stats", "full_divergence_", "topk_divergence")
 
@@ -122,14 +124,36 @@ def test_float64_never_calls_the_ops(calls):
     assert not any(calls.values()), "float64 stays on the torch code (exact at 1e-9)"
 
 
-def test_triton_statistics_in_cuda_mode_match_the_fused_kernel():
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("preset", ["dopd", "gkd", "opsd"])
+def test_cuda_tensors_with_the_ops_match_reference(calls, preset):
+    if not ext_module.has_cuda():
+        pytest.skip("the extension was built without CUDA kernels (no nvcc?)")
+    inp = make_inputs(dtype=torch.float32, lead=(4, 13), vocab=53, vt=61)
+    cfg = RouteConfig.preset(preset, top_k=6, chunk_size=7)
+    ref = run_backend(inp, "reference", cfg, upcast=True)
+    for name in ("student_hidden", "student_weight", "teacher_hidden", "teacher_weight", "self_hidden", "target_ids",
+                 "mask", "student_bias", "teacher_bias"):
+        setattr(inp, name, getattr(inp, name).cuda())
+    with ext_module.forced(True):
+        out = run_backend(inp, "torch", cfg)
+    on_cpu = types.SimpleNamespace(route=out[0].route.cpu(), loss=out[0].loss.detach().cpu(),
+                                   **{name: getattr(out[0], name).cpu() for name in FIELDS})
+    assert_outputs_close(on_cpu, ref[0], [g.cpu() for g in out[1:]], ref[1:], 1e-5)
+    assert calls["row_stats"]
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+def test_triton_statistics_in_cuda_mode_match_the_fused_kernel(device):
     pytest.importorskip("triton")
     require_ext()
+    if device == "cuda" and not ext_module.has_cuda():
+        pytest.skip("the extension was built without CUDA kernels (no nvcc?)")
     from dopd_kernels.triton.stats import fused_linear_stats
 
     g = torch.Generator().manual_seed(0)
-    h, w = torch.randn(37, 24, generator=g), torch.randn(61, 24, generator=g)
-    b, y = torch.randn(61, generator=g), torch.randint(0, 53, (37,), generator=g)
+    h, w = torch.randn(37, 24, generator=g).to(device), torch.randn(61, 24, generator=g).to(device)
+    b, y = torch.randn(61, generator=g).to(device), torch.randint(0, 53, (37,), generator=g).to(device)
     w[7] = w[3]  # exact ties between ids 3 and 7
     ref = fused_linear_stats(h, w, b, y, vocab=53, inv_tau=0.7, top_k=5, impl="fused")
     out = fused_linear_stats(h, w, b, y, vocab=53, inv_tau=0.7, top_k=5, impl="cuda")

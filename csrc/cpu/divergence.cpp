@@ -131,7 +131,7 @@ inline void axpy(float alpha, const float* x, float* y, int64_t n) {
 void full_divergence(float* student, float* source, int64_t rows, int64_t vocab, int64_t stride_s,
                      int64_t stride_t, const int64_t* targets, Kind kind, float beta, float scale, float softcap,
                      const float* grad_scale, float* value, float* target_logprob) {
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+  dynamic_for(rows, 2, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       value[r] = row_divergence(student + r * stride_s, source + r * stride_t, vocab, scale, scale, kind, beta,
                                 grad_scale[r], softcap, targets[r], target_logprob + r);
@@ -148,8 +148,7 @@ void topk_divergence(const float* hidden, int64_t hidden_size, const int64_t* ro
   // coef * dD/dz per (row, j), kept for the weight fold below.
   std::vector<float> grad_z(fold_weight ? n_rows * k : 0);
   // Rows: the K logits (K rows of W, then in L2 for the d hidden sum), the divergence and its gradient.
-  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(k, 1));
-  at::parallel_for(0, n_rows, grain, [&](int64_t begin, int64_t end) {
+  dynamic_for(n_rows, std::max<int64_t>(1, 2048 / std::max<int64_t>(k, 1)), [&](int64_t begin, int64_t end) {
     std::vector<float> zs(k), zt(k);
     for (int64_t r = begin; r < end; ++r) {
       const float* h = hidden + rows[r] * hidden_size;
@@ -195,7 +194,7 @@ void topk_divergence(const float* hidden, int64_t hidden_size, const int64_t* ro
     block_start[b] = std::max(v, block_start[b - 1]);
   }
   const int64_t n_pairs = n_rows * k;
-  at::parallel_for(0, n_blocks, 1, [&](int64_t b0, int64_t b1) {
+  dynamic_for(n_blocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> acc(hidden_size);  // the sum for one id, in L1; its row of d W is then read and written once
     for (int64_t v = block_start[b0]; v < block_start[b1]; ++v) {
       if (start[v] == start[v + 1]) continue;

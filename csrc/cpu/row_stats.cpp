@@ -137,7 +137,7 @@ double scan_row(const float* z, int64_t vocab, float zmax, float scale, Candidat
 
 void row_stats(const float* z, int64_t rows, int64_t vocab, int64_t stride, const int64_t* targets, int64_t k,
                float scale, float* lse, float* target_logit, float* topk_vals, int64_t* topk_idx) {
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+  dynamic_for(rows, 4, [&](int64_t begin, int64_t end) {
     CandidateList list(std::max<int64_t>(k, 1));
     std::vector<float> maxima;
     for (int64_t r = begin; r < end; ++r) {

@@ -1,8 +1,12 @@
-// Small at::vec helpers shared by the CPU kernels: NaN-propagating max, an accurate running sum, masked tails.
+// Helpers shared by the CPU kernels: a dynamic parallel loop, and at::vec pieces (NaN-propagating max, an
+// accurate running sum, masked tails).
 #pragma once
 
+#include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -13,6 +17,19 @@ using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kW = Vec::size();
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+// body(begin, end) over [0, n) in ranges of `step`, handed out to the threads of ATen's (OpenMP) pool as they come
+// free. at::parallel_for's static halves wait for the slowest thread: on a shared machine a descheduled thread
+// would hold up half the rows; here it holds up one range.
+template <typename F>
+void dynamic_for(int64_t n, int64_t step, const F& body) {
+  if (n <= 0) return;
+  std::atomic<int64_t> next{0};
+  const int64_t tasks = std::min<int64_t>(at::get_num_threads(), (n + step - 1) / step);
+  at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) {
+    for (int64_t b = next.fetch_add(step); b < n; b = next.fetch_add(step)) body(b, std::min(n, b + step));
+  });
+}
 
 // `count` lanes from `p` (count <= kW), the others `fill`.
 inline Vec load_or(const float* p, int64_t count, float fill) {
