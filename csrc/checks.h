@@ -105,10 +105,10 @@ inline void check_topk_divergence(const at::Tensor& hidden, const at::Tensor& ro
                   rows.device() == hidden.device(),
               "dopd: rows must be a contiguous 1-D int64 tensor on ", hidden.device());
   const int64_t n = rows.size(0), vocab = weight.size(0);
-  TORCH_CHECK(idx.dim() == 2 && idx.size(0) == n && idx.size(1) >= 1 && idx.scalar_type() == at::kLong &&
+  TORCH_CHECK(idx.dim() == 2 && idx.size(0) == hidden.size(0) && idx.size(1) >= 1 && idx.scalar_type() == at::kLong &&
                   idx.is_contiguous() && idx.device() == hidden.device(),
-              "dopd: idx must be a contiguous int64 (", n, ", K >= 1) tensor on ", hidden.device(), ", got ",
-              idx.scalar_type(), " ", idx.sizes());
+              "dopd: idx must be a contiguous int64 (", hidden.size(0), ", K >= 1) tensor on ", hidden.device(),
+              " (a row per hidden row), got ", idx.scalar_type(), " ", idx.sizes());
   TORCH_CHECK(source_logits.sizes() == idx.sizes() && source_logits.scalar_type() == at::kFloat &&
                   source_logits.is_contiguous() && source_logits.device() == hidden.device(),
               "dopd: source_logits must be a contiguous float32 tensor shaped like idx ", idx.sizes());

@@ -52,24 +52,25 @@ at::Tensor topk_divergence_cpu(const at::Tensor& hidden, const at::Tensor& rows,
   const Kind k = parse_kind(std::string(kind));
   check_topk_divergence(hidden, rows, weight, bias, idx, source_logits, k, beta, scale, grad_scale, hidden_grad,
                         weight_grad, bias_grad, logit_scale, softcap);
-  const int64_t vocab = weight.size(0), n_hidden = hidden.size(0);
+  const int64_t vocab = weight.size(0), n_hidden = hidden.size(0), k_top = idx.size(1);
   const int64_t* ids = idx.data_ptr<int64_t>();
-  for (int64_t e = 0; e < idx.numel(); ++e) {
-    TORCH_CHECK(ids[e] >= 0 && ids[e] < vocab, "dopd: idx holds ", ids[e], ", outside [0, ", vocab, ")");
-  }
-  // Distinct rows: each hidden_grad row is then written by one thread.
+  // Distinct rows (each hidden_grad row is then written by one thread), and their ids in range.
   const int64_t* row_ids = rows.data_ptr<int64_t>();
   std::vector<char> seen(n_hidden, 0);
-  for (int64_t r = 0; r < rows.numel(); ++r) {
-    TORCH_CHECK(row_ids[r] >= 0 && row_ids[r] < n_hidden, "dopd: rows holds ", row_ids[r], ", outside [0, ",
-                n_hidden, ")");
-    TORCH_CHECK(!seen[row_ids[r]], "dopd: rows holds ", row_ids[r], " twice; rows must be distinct");
-    seen[row_ids[r]] = 1;
+  for (int64_t i = 0; i < rows.numel(); ++i) {
+    const int64_t r = row_ids[i];
+    TORCH_CHECK(r >= 0 && r < n_hidden, "dopd: rows holds ", r, ", outside [0, ", n_hidden, ")");
+    TORCH_CHECK(!seen[r], "dopd: rows holds ", r, " twice; rows must be distinct");
+    seen[r] = 1;
+    for (int64_t j = 0; j < k_top; ++j) {
+      const int64_t id = ids[r * k_top + j];
+      TORCH_CHECK(id >= 0 && id < vocab, "dopd: idx holds ", id, ", outside [0, ", vocab, ")");
+    }
   }
   at::Tensor value = at::empty({rows.size(0)}, hidden.options());
   cpu::topk_divergence(hidden.data_ptr<float>(), hidden.size(1), row_ids, rows.size(0), weight.data_ptr<float>(),
                        vocab, weight.stride(0), bias.has_value() ? bias->data_ptr<float>() : nullptr, ids,
-                       idx.size(1), source_logits.data_ptr<float>(), k, static_cast<float>(beta),
+                       k_top, source_logits.data_ptr<float>(), k, static_cast<float>(beta),
                        static_cast<float>(scale), static_cast<float>(logit_scale), static_cast<float>(softcap),
                        grad_scale.data_ptr<float>(), value.data_ptr<float>(),
                        hidden_grad.has_value() ? hidden_grad->data_ptr<float>() : nullptr,
@@ -91,9 +92,10 @@ TORCH_LIBRARY(dopd, m) {
   // the cap (times 1 - (student / softcap)^2).
   m.def("full_divergence_(Tensor(a!) student, Tensor(b!) source, Tensor targets, str kind, float beta, "
         "float scale, Tensor grad_scale, float softcap=0.0) -> (Tensor value, Tensor student_target_logprob)");
-  // Per row r of hidden[rows] (rows: R distinct ids into hidden (N, H)): the divergence over the source's K ids
-  // idx (R, K) between the student's renormalized softmax of scale * (hidden W[idx]^T + b[idx]) and
-  // softmax(source_logits); returns it (R,) and accumulates grad_scale * dD/d hidden, W, b into hidden_grad
+  // Per row r = rows[i] (R distinct ids into the N rows of hidden (N, H), idx and source_logits (N, K)): the
+  // divergence over the source's K ids idx[r] between the student's renormalized softmax of scale * (hidden[r]
+  // W[idx[r]]^T + b[idx[r]]) and softmax(source_logits[r]); returns it (R,) and accumulates grad_scale * dD/d
+  // hidden, W, b into hidden_grad
   // (N, H), weight_grad (V, H) and bias_grad (V,) where given. The model's logit transform (logit_scale, then
   // softcap > 0: softcap * tanh(. / softcap)) is applied to the student's logits before scale, inside the op.
   m.def("topk_divergence(Tensor hidden, Tensor rows, Tensor weight, Tensor? bias, Tensor idx, Tensor source_logits, "

@@ -97,8 +97,7 @@ def topk_rows(rows: Tensor, *, route: Tensor, student_hidden: Tensor, student: "
         part = rows[start:stop]
         grad_scale = red_w.index_select(0, part).to(torch.float32) * (weight if grads.any else 0.0)
         value = ext.topk_divergence(
-            hidden, part, student.weight, student.bias, stats.topk_idx.index_select(0, part),
-            stats.topk_vals.index_select(0, part), spec.divergence, config.jsd_beta, 1.0 / config.temperature,
-            grad_scale, grads.hidden, grads.weight, grads.bias)
+            hidden, part, student.weight, student.bias, stats.topk_idx, stats.topk_vals, spec.divergence,
+            config.jsd_beta, 1.0 / config.temperature, grad_scale, grads.hidden, grads.weight, grads.bias)
         per_token.index_add_(0, part, (value * weight).to(per_token.dtype))
     return True

@@ -179,9 +179,13 @@ def test_topk_divergence_matches_autograd(ext, device, kind, beta, rows, hidden,
                      1e-3 * torch.randn(vocab, generator=g))
     dh, dw = dh0.clone().to(device), dw0.clone().to(device)
     db = db0.clone().to(device) if bias else None
+    # idx and source logits have a row per hidden row too; the rows not picked hold ids the op must not read
+    big_idx = torch.full((n_hidden, k), vocab + 5, dtype=torch.int64)
+    big_src = torch.full((n_hidden, k), float("nan"))
+    big_idx[picked], big_src[picked] = idx, src
     value = ext.topk_divergence(big.to(device), picked.to(device), w.to(device), None if b is None else b.to(device),
-                                idx.to(device), src.to(device), kind, beta, scale, grad_scale.to(device), dh, dw, db,
-                                transform.scale, transform.softcap or 0.0)
+                                big_idx.to(device), big_src.to(device), kind, beta, scale, grad_scale.to(device), dh, dw,
+                                db, transform.scale, transform.softcap or 0.0)
     torch.testing.assert_close(value.cpu().double(), r_value, rtol=1e-5, atol=1e-6)
     # fp32 sums over K ids with cancellations: compare the gradients as wholes (norm-relative)
     assert rel_err((dh.cpu() - dh0)[picked], r_dh) < 1e-5
@@ -220,19 +224,20 @@ def test_opcheck_every_op(ext, device):
     z = torch.randn(4, 37, generator=g).to(device)
     y = torch.randint(0, 37, (4,), generator=g).to(device)
     ones = torch.ones(4, device=device)
+    ones3 = torch.ones(3, device=device)
     h, w = torch.randn(4, 8, generator=g).to(device), torch.randn(37, 8, generator=g).to(device)
     idx = torch.stack([torch.randperm(37, generator=g)[:5] for _ in range(4)]).to(device)
-    rows = torch.tensor([3, 0, 2, 1], device=device)
+    rows = torch.tensor([3, 0, 2], device=device)
     cases = [
         (torch.ops.dopd.row_stats.default, (z, y, 5, 0.5)),
         (torch.ops.dopd.row_stats.default, (z, y, 0, 1.0)),
         (torch.ops.dopd.full_divergence_.default, (z.clone(), z.flip(1).contiguous(), y, "jsd", 0.5, 1.0, ones)),
         (torch.ops.dopd.full_divergence_.default, (z.tanh(), z.flip(1).contiguous(), y, "rkl", 0.5, 1.0, ones, 1.0)),
         (torch.ops.dopd.topk_divergence.default, (h, rows, w, torch.randn(37, device=device), idx,
-                                                  torch.randn(4, 5, device=device), "rkl", 0.5, 1.0, ones,
+                                                  torch.randn(4, 5, device=device), "rkl", 0.5, 1.0, ones3,
                                                   torch.zeros_like(h), torch.zeros_like(w), torch.zeros(37, device=device))),
         (torch.ops.dopd.topk_divergence.default, (h, rows, w, None, idx, torch.randn(4, 5, device=device), "fkl", 0.5,
-                                                  2.0, ones, None, None, None, 0.5, 3.0)),
+                                                  2.0, ones3, None, None, None, 0.5, 3.0)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)

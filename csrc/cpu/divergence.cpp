@@ -152,7 +152,7 @@ void topk_divergence(const float* hidden, int64_t hidden_size, const int64_t* ro
     std::vector<float> zs(k), zt(k);
     for (int64_t r = begin; r < end; ++r) {
       const float* h = hidden + rows[r] * hidden_size;
-      const int64_t* ids = idx + r * k;
+      const int64_t* ids = idx + rows[r] * k;
       constexpr int64_t kAhead = 4;  // rows of W in flight
       for (int64_t j = 0; j < std::min(kAhead, k); ++j) prefetch_row(weight + ids[j] * stride_w, hidden_size);
       for (int64_t j = 0; j < k; ++j) {
@@ -161,7 +161,7 @@ void topk_divergence(const float* hidden, int64_t hidden_size, const int64_t* ro
         // the logit transform (softcap * tanh(logit_scale * y / softcap) keeps -inf) ...
         zs[j] = softcap > 0.0f ? (y == kNegInf ? y : softcap * std::tanh(logit_scale * y / softcap)) : logit_scale * y;
       }
-      std::copy(source_logits + r * k, source_logits + (r + 1) * k, zt.begin());
+      std::copy(source_logits + rows[r] * k, source_logits + (rows[r] + 1) * k, zt.begin());
       // ... and its derivative: the cap's inside row_divergence, logit_scale in the coefficient
       value[r] = row_divergence(zs.data(), zt.data(), k, scale, 1.0f, kind, beta, grad_scale[r] * logit_scale,
                                 softcap, -1, nullptr);
@@ -176,13 +176,15 @@ void topk_divergence(const float* hidden, int64_t hidden_size, const int64_t* ro
   if (!fold_weight) return;
   // d W[v] += sum over the (row, j) with idx = v of grad_z * hidden[row]: bucket the pairs by id (counting
   // sort, in row order), then each id is summed by one thread and its row of d W is written once.
+  // pair e = (r, j) of this call: its id
+  auto pair_id = [&](int64_t e) { return idx[rows[e / k] * k + e % k]; };
   std::vector<int64_t> start(vocab + 1, 0);
-  for (int64_t e = 0; e < n_rows * k; ++e) ++start[idx[e] + 1];
+  for (int64_t e = 0; e < n_rows * k; ++e) ++start[pair_id(e) + 1];
   for (int64_t v = 0; v < vocab; ++v) start[v + 1] += start[v];
   std::vector<int64_t> order(n_rows * k);
   {
     std::vector<int64_t> fill(start.begin(), start.end() - 1);
-    for (int64_t e = 0; e < n_rows * k; ++e) order[fill[idx[e]]++] = e;
+    for (int64_t e = 0; e < n_rows * k; ++e) order[fill[pair_id(e)]++] = e;
   }
   // Blocks of ids with about equal numbers of pairs (frequent ids would unbalance equal id ranges).
   const int64_t n_blocks = std::min<int64_t>(vocab, 8 * at::get_num_threads());

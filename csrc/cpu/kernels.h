@@ -25,12 +25,13 @@ void full_divergence(float* student, float* source, int64_t rows, int64_t vocab,
                      int64_t stride_t, const int64_t* targets, Kind kind, float beta, float scale, float softcap,
                      const float* grad_scale, float* value, float* target_logprob);
 
-// Per row r (hidden row rows[r]), the student's logits at the source's top-K ids,
-// z[r, j] = scale * T(hidden[rows[r]] . weight[idx[r, j]] + bias[idx[r, j]]) with the model's logit transform
+// Per row r = rows[i] of hidden, idx and source_logits (rows: distinct ids into the n_hidden rows of each), the
+// student's logits at the source's top-K ids,
+// z[r, j] = scale * T(hidden[r] . weight[idx[r, j]] + bias[idx[r, j]]) with the model's logit transform
 // T(y) = softcap * tanh(logit_scale * y / softcap) (softcap > 0, -inf kept) or logit_scale * y, and ls / lt the
 // log-softmaxes over the K entries of z[r] and source_logits[r]:
-//   value[r] = D(ls, lt); hidden_grad[rows[r]] += grad_scale[r] * dD/d hidden (when not null);
-//   weight_grad[idx[r, j]] += grad_scale[r] * dD/d weight[idx[r, j]] (and bias_grad alike) when not null.
+//   value[i] = D(ls, lt); hidden_grad[r] += grad_scale[i] * dD/d hidden (when not null);
+//   weight_grad[idx[r, j]] += grad_scale[i] * dD/d weight[idx[r, j]] (and bias_grad alike) when not null.
 // idx must hold ids in [0, vocab) and rows distinct ids in [0, n_hidden) (checked by the caller). weight_grad is
 // accumulated without races: the (row, j) pairs are bucketed by vocabulary id and each id is owned by one thread
 // (deterministic order).

@@ -115,7 +115,7 @@ __global__ void __launch_bounds__(kTopkThreads)
   const int64_t r = blockIdx.x;
   const int64_t hidden_row = rows[r];
   const float* h = hidden + hidden_row * hidden_size;
-  const int64_t* ids = idx + r * k;
+  const int64_t* ids = idx + hidden_row * k;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   // One warp per id: h . W[id] (+ b[id]).
   for (int j = warp; j < k; j += T / 32) {
@@ -132,7 +132,7 @@ __global__ void __launch_bounds__(kTopkThreads)
       zs[j] = softcap > 0.f ? (y == -INFINITY ? y : softcap * tanhf(logit_scale * y / softcap)) : logit_scale * y;
     }
   }
-  for (int j = threadIdx.x; j < k; j += T) zt[j] = source_logits[r * k + j];
+  for (int j = threadIdx.x; j < k; j += T) zt[j] = source_logits[hidden_row * k + j];
   __syncthreads();
   const float v = block_divergence<T>(zs, zt, k, scale, 1.f, kind, beta, grad_scale[r] * logit_scale, softcap, -1,
                                       nullptr, red_m, red_s);

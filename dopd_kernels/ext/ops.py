@@ -43,8 +43,8 @@ def topk_divergence(hidden: Tensor, rows: Tensor, weight: Tensor, bias: Optional
                     source_logits: Tensor, kind: str, beta: float, scale: float, grad_scale: Tensor,
                     hidden_grad: Optional[Tensor], weight_grad: Optional[Tensor], bias_grad: Optional[Tensor],
                     logit_scale: float = 1.0, softcap: float = 0.0) -> Tensor:
-    """Per row r of ``hidden[rows]`` (rows: R distinct ids into hidden (N, H)): D between the student's softmax over
-    the K ids ``idx[r]`` of ``scale * (hidden[rows[r]] @ weight[idx[r]].T + bias[idx[r]])`` and
+    """Per token r = rows[i] (R distinct ids into the N rows of hidden (N, H), idx and source_logits (N, K)): D between
+    the student's softmax over the K ids ``idx[r]`` of ``scale * (hidden[r] @ weight[idx[r]].T + bias[idx[r]])`` and
     softmax(source_logits[r]).
 
     The model's logit transform (``LogitTransform(logit_scale, softcap)``; softcap 0: none) is applied to the
@@ -72,6 +72,7 @@ def _full_divergence_fake(student, source, targets, kind, beta, scale, grad_scal
 def _topk_divergence_fake(hidden, rows, weight, bias, idx, source_logits, kind, beta, scale, grad_scale, hidden_grad,
                           weight_grad, bias_grad, logit_scale=1.0, softcap=0.0):
     torch._check(idx.shape == source_logits.shape, lambda: "dopd::topk_divergence: idx and source_logits differ")
+    torch._check(idx.shape[0] == hidden.shape[0], lambda: "dopd::topk_divergence: idx needs a row per hidden row")
     return hidden.new_empty(rows.shape[0])
 
 
