@@ -4,7 +4,7 @@
 
 For each op: the median time, the bytes it must move at least (row_stats: read the chunk once; full_divergence_:
 read the student and source chunks, write the gradient), their rate, and that rate over the device's copy rate
-(``torch.clone`` of the chunk: read + write), the memory-bound limit. Prints a markdown table; bench/gpu_check.sh
+(``copy_`` of the chunk into a buffer: read + write), the memory-bound limit. Prints a markdown table; bench/gpu_check.sh
 writes it under $OUT on a GPU. A prediction: row_stats reads the chunk 2-4 times (CUDA: the statistics pass, 1-2
 radix-select passes, the selection) or twice (CPU: block maxima, then sum-exp and candidates, the second from L2).
 """
@@ -51,7 +51,7 @@ def measure(device: str, rows: int, vocab: int, k: int, reps: int) -> list[tuple
 
     copies = _time(lambda: (work_s.copy_(z), work_t.copy_(zt)), device, reps)
     return [
-        ("copy (read + write)", _time(lambda: z.clone(), device, reps), 2 * chunk),
+        ("copy (read + write)", _time(lambda: work_s.copy_(z), device, reps), 2 * chunk),
         (f"row_stats (top-{k})", _time(lambda: ext.row_stats(z, y, k), device, reps), chunk),
         ("row_stats (no top-K)", _time(lambda: ext.row_stats(z, y, 0), device, reps), chunk),
         ("full_divergence_ (jsd)", _time(divergence, device, reps) - copies, 3 * chunk),

@@ -68,11 +68,10 @@ def _nvcc() -> Optional[str]:
 
 
 def _cuda_archs() -> str:
-    """The architectures nvcc compiles for: TORCH_CUDA_ARCH_LIST, else those of the visible GPUs (as torch does)."""
-    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
-        return os.environ["TORCH_CUDA_ARCH_LIST"]
-    caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
-    return ";".join(f"{major}.{minor}" for major, minor in caps)
+    """The architectures nvcc compiles for, as a key: TORCH_CUDA_ARCH_LIST, else "native" (torch then builds for the
+    visible GPUs; not queried here, so that importing the package does not initialize CUDA). A cache shared by
+    machines with different GPUs should set TORCH_CUDA_ARCH_LIST."""
+    return os.environ.get("TORCH_CUDA_ARCH_LIST") or "native"
 
 
 @dataclass(frozen=True)
