@@ -145,6 +145,10 @@ def build(force: bool = False, verbose: bool = False, spec: Optional[BuildSpec] 
         if spec.ready() and not force:
             return spec
         spec.marker.unlink(missing_ok=True)
+        if force:  # ninja would keep up-to-date objects: start from an empty directory
+            for item in spec.directory.iterdir():
+                if item.name != ".lock":
+                    shutil.rmtree(item) if item.is_dir() else item.unlink()
         job = dict(name=NAME, sources=[str(spec.source_dir / s) for s in spec.sources], cflags=list(spec.cflags),
                    cuda_cflags=list(spec.cuda_cflags), with_cuda=spec.with_cuda, directory=str(spec.directory))
         started = time.monotonic()
