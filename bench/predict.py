@@ -79,11 +79,12 @@ def predicted_bytes(impl: str, mode: str, s: BenchShape, n_ht: int, chunk: int =
         return 2 * nv * e + 2 * n_ht * s.v * e + grads  # unchunked floor GEMM outputs
     fp32_grads = (s.v * s.hs + s.n * s.hs) * F32
     if impl == "torch+ext":
-        # the statistics pass's chunk of 4 x chunk tokens, or the loss pass's student and source chunks of 2 x chunk
-        # tokens (the ops work in place) beside the fp32 gradient accumulators; top-K of both sources; the gradients
+        # one phase at a time (each frees its chunk before the next GEMM): the statistics pass's chunk of
+        # 4 x chunk tokens; the loss pass's student and source chunks of 2 x chunk tokens (the ops work in place)
+        # beside the fp32 gradient accumulators; backward's gradients beside them. Plus top-K of both sources.
         stats_chunk = min(4 * chunk, s.n) * s.v * F32
         loss_chunks = 2 * min(2 * chunk, s.n) * s.v * F32
-        return max(stats_chunk, loss_chunks + fp32_grads) + 2 * s.n * k * (F32 + 8) + grads
+        return max(stats_chunk, loss_chunks + fp32_grads, fp32_grads + grads) + 2 * s.n * k * (F32 + 8)
     # our paths: a few chunk x V buffers (student, source, softmaxes, gradient), top-K of both sources,
     # float32 gradient accumulators, then the gradients in the input dtype
     return 5 * min(chunk, s.n) * s.v * F32 + 2 * s.n * k * (F32 + 8) + fp32_grads + grads
@@ -108,5 +109,5 @@ def prediction_note(impl: str, mode: str) -> str:
         "liger_compiled": "6 chunk.V fp32 (chunk 1024) + fp32 dW + grads",
         "floor_5gemm": "3 N.V GEMM outputs + grads",
         "floor_alg": "2 N.V + 2 N_HT.V GEMM outputs + grads",
-        "torch+ext": "max(4 chunk.V, 4 chunk.V + fp32 grads) + 2 N.K top-K + grads",
+        "torch+ext": "max(4 chunk.V, 4 chunk.V + fp32 grads, fp32 grads + grads) + 2 N.K top-K",
     }.get(impl, "5 chunk.V fp32 + 2 N.K top-K + fp32 grads + grads")

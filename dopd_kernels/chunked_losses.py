@@ -95,6 +95,7 @@ def student_full_rows(
             per_token.index_add_(0, chunk, fused)
             if grads.any:
                 _fold_full_grad(z, h, chunk, student, grads)
+            del z  # before the next chunk's GEMM
             continue
         logp = z.log_softmax(-1)
         y = targets.index_select(0, chunk)[:, None]

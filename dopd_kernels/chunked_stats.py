@@ -72,6 +72,7 @@ def linear_stats(
             lse[start:stop], target_logit[start:stop] = fused[0], fused[1]
             if top_k:
                 topk_vals[start:stop], topk_idx[start:stop] = fused[2], fused[3]
+            del z, fused  # free the chunk before the next GEMM allocates its own (one C x V buffer at a time)
             continue
         target_logit[start:stop] = z.gather(1, targets[start:stop, None]).squeeze(1)
         if top_k:
