@@ -10,9 +10,10 @@
 #   bash bench/gpu_check.sh            # writes under $OUT if set, else bench/out/
 #   DOPD_BENCH_SIZES=small bash bench/gpu_check.sh   # one N only (a quicker check)
 #
-# Outputs: tests_triton_cuda.log, tests_cuda.log, bench_cuda.log, bench_cuda.json (pytest-benchmark),
-# RESULTS.md (a copy of bench/RESULTS.md with the CUDA section added or replaced: copy it back to bench/ to
-# keep it) and results_cuda.png. Exits non-zero if the tests or the benchmarks failed; the benchmarks run either way.
+# Outputs: ext_build.log, tests_triton_cuda.log, tests_cuda.log, bench_cuda.log, bench_cuda.json
+# (pytest-benchmark), ext_bandwidth.md (the compiled epilogues against the chunk's bytes), RESULTS.md (a copy
+# of bench/RESULTS.md with the CUDA section added or replaced: copy it back to bench/ to keep it) and
+# results_cuda.png. Exits non-zero if the tests or the benchmarks failed; the benchmarks run either way.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out_dir="${OUT:-bench/out}"
@@ -25,6 +26,10 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null | tee "$out_dir/gpu.txt"
 python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" \
     | tee -a "$out_dir/gpu.txt"
+
+echo "== python -m dopd_kernels.ext build (the compiled extension, CUDA kernels when nvcc is found) =="
+python -m dopd_kernels.ext build 2>&1 | tee "$out_dir/ext_build.log"
+ext_rc=${PIPESTATUS[0]}
 
 echo "== pytest tests/test_triton_cuda.py (compiled kernels on the GPU) =="
 python -m pytest tests/test_triton_cuda.py -q -rs -p no:cacheprovider 2>&1 | tee "$out_dir/tests_triton_cuda.log"
@@ -42,6 +47,9 @@ python -m pytest bench --benchmark-only -q -p no:cacheprovider \
     | tee "$out_dir/bench_cuda.log"
 bench_rc=${PIPESTATUS[0]}
 
+echo "== the compiled epilogues' bandwidth on one chunk (bench/ext_bandwidth.py) =="
+python -m bench.ext_bandwidth 2>&1 | tee "$out_dir/ext_bandwidth.md"
+
 report_rc=0
 if [ -s "$out_dir/bench_cuda.json" ]; then
     # Start from the committed RESULTS.md so its CPU section is kept; the report replaces the CUDA section.
@@ -50,5 +58,5 @@ if [ -s "$out_dir/bench_cuda.json" ]; then
         --png "$out_dir/results_cuda.png" --print
     report_rc=$?
 fi
-echo "gpu_check: tests rc=$tests_rc, bench rc=$bench_rc, report rc=$report_rc"
-[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$report_rc" -eq 0 ]
+echo "gpu_check: ext build rc=$ext_rc, tests rc=$tests_rc, bench rc=$bench_rc, report rc=$report_rc"
+[ "$ext_rc" -eq 0 ] && [ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$report_rc" -eq 0 ]

@@ -11,7 +11,8 @@ projections, their top-K, and the routing decision).
 | liger / liger_compiled | Liger-Kernel ``LigerFusedLinearJSDLoss`` (one teacher, JSD only), eager / torch.compile |
 | floor_5gemm | the five GEMMs of the naive computation (student, self, teacher logits, d hidden, d weight) |
 | floor_alg | the algorithmic floor: 2 GEMMs over all tokens + 4 GEMMs over the HT-routed tokens |
-| torch | ``routed_loss(backend="torch")`` |
+| torch | ``routed_loss(backend="torch")`` with its torch code (the compiled extension switched off) |
+| torch+ext | the same with the compiled epilogues of ``csrc/`` (``python -m dopd_kernels.ext build``) |
 | triton | ``routed_loss(backend="triton")`` (CUDA only) |
 """
 
@@ -24,21 +25,30 @@ from typing import Callable, Optional
 import torch
 
 from bench.inputs import BenchInputs
-from dopd_kernels import RouteConfig, routed_loss, routed_loss_from_logits
+from dopd_kernels import RouteConfig, ext, routed_loss, routed_loss_from_logits
 from dopd_kernels.chunked_stats import linear_stats
 from dopd_kernels.routing import route_tokens
 
-FWDBWD_IMPLS = ("reference", "naive", "liger", "liger_compiled", "floor_5gemm", "floor_alg", "torch", "triton")
+FWDBWD_IMPLS = ("reference", "naive", "liger", "liger_compiled", "floor_5gemm", "floor_alg", "torch", "torch+ext",
+                "triton")
 #: triton_nok: the Triton statistics pass without the top-K (the top-K's cost is triton - triton_nok);
-#: triton_2pass: its two-pass mode (Triton GEMM into fp32 chunk logits, then the same kernel reading them).
-STATS_IMPLS = ("naive", "floor_alg", "torch", "triton", "triton_nok", "triton_2pass")
+#: triton_2pass: its two-pass mode (Triton GEMM into fp32 chunk logits, then the same kernel reading them);
+#: triton_cuda: cuBLAS GEMM into fp32 chunk logits, then the extension's row_stats op (stats_impl="cuda").
+STATS_IMPLS = ("naive", "floor_alg", "torch", "torch+ext", "triton", "triton_nok", "triton_2pass", "triton_cuda")
 #: Our implementations (run in the scaling sweeps) and the floor they are measured against.
-OURS = ("torch", "triton")
+OURS = ("torch", "torch+ext", "triton")
 FLOORS = ("floor_5gemm", "floor_alg")
 
 
 def skip_reason(impl: str, device: str) -> Optional[str]:
     """Why ``impl`` cannot run on ``device`` here, or None when it can."""
+    if impl in ("torch+ext", "triton_cuda"):
+        from dopd_kernels import ext
+
+        if not ext.is_available():
+            return "the compiled extension is not built: python -m dopd_kernels.ext build"
+        if device == "cuda" and not ext.has_cuda():
+            return "the compiled extension was built without CUDA kernels (no nvcc at build time)"
     if impl.startswith("triton"):
         if device != "cuda":
             return "backend='triton' needs CUDA (this machine has none)"
@@ -63,11 +73,13 @@ def _seq(x: BenchInputs, t: torch.Tensor) -> torch.Tensor:
     return t.view(*x.seq_shape, *t.shape[1:])
 
 
-def _routed(x: BenchInputs, backend: str):
-    return routed_loss(
-        _seq(x, x.student_hidden), x.student_weight, _seq(x, x.teacher_hidden), x.teacher_weight,
-        _seq(x, x.self_hidden), _seq(x, x.target_ids), backend=backend,
-    )
+def _routed(x: BenchInputs, impl: str):
+    """routed_loss for impl "reference" | "torch" (extension off) | "torch+ext" (extension on) | "triton"."""
+    with ext.forced(impl == "torch+ext"):
+        return routed_loss(
+            _seq(x, x.student_hidden), x.student_weight, _seq(x, x.teacher_hidden), x.teacher_weight,
+            _seq(x, x.self_hidden), _seq(x, x.target_ids), backend="torch" if impl == "torch+ext" else impl,
+        )
 
 
 def _naive_logits(x: BenchInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -80,7 +92,7 @@ def _naive_logits(x: BenchInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 
 
 def _fwdbwd(impl: str, x: BenchInputs, n_ht: int) -> Callable[[], object]:
-    if impl in ("reference", "torch", "triton"):
+    if impl in ("reference", "torch", "torch+ext", "triton"):
         return lambda: _routed(x, impl).loss.backward()
     if impl == "naive":
 
@@ -146,23 +158,23 @@ def _stats(impl: str, x: BenchInputs) -> Callable[[], object]:
                 return route_tokens(l_p, l_t, valid, config), tops
 
         return naive_stats
-    if impl == "torch":
+    if impl in ("torch", "torch+ext"):
         w_s32, w_t32 = w_s.float(), x.teacher_weight.float()
 
         def torch_stats() -> object:
             # The same calls as steps 2-3 of dopd_kernels.chunked (both sources need top-K under DOPD).
-            with torch.no_grad():
+            with torch.no_grad(), ext.forced(impl == "torch+ext"):
                 kw = dict(inv_tau=1.0, top_k=k, chunk_size=config.chunk_size)
                 s_p = linear_stats(h_s, w_s32, None, y, **kw)
                 s_t = linear_stats(x.teacher_hidden, w_t32, None, y, **kw)
                 return route_tokens(s_p.target_logprob, s_t.target_logprob, valid, config)
 
         return torch_stats
-    if impl in ("triton", "triton_nok", "triton_2pass"):
+    if impl in ("triton", "triton_nok", "triton_2pass", "triton_cuda"):
         from dopd_kernels.triton.stats import fused_linear_stats
 
         k_run = 0 if impl == "triton_nok" else k
-        mode = "two_pass" if impl == "triton_2pass" else "fused"
+        mode = {"triton_2pass": "two_pass", "triton_cuda": "cuda"}.get(impl, "fused")
 
         def triton_stats() -> object:
             # The same calls as stage 1 of dopd_kernels.triton.function (both sources need top-K under DOPD).

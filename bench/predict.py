@@ -46,6 +46,8 @@ def predicted_bytes(impl: str, mode: str, s: BenchShape, n_ht: int, chunk: int =
             return 2 * nv * e + 2 * nv * F32  # self + teacher logits and their log-softmax
         if impl == "floor_alg":
             return 2 * nv * e
+        if impl == "triton_cuda":  # cuBLAS into 512-row fp32 chunk logits, the op's outputs
+            return min(512, s.n) * s.v * F32 + 2 * s.n * k * (F32 + 8)
         if impl in ("triton", "triton_nok", "triton_2pass"):
             # per source: (N, splits) fp32 partials; with top-K the (rows per launch, splits, CAP) fp32 + int32
             # candidate lists, the epilogue's (rows, splits, K) int64 keys (~3 live temporaries), the top-K
@@ -60,6 +62,8 @@ def predicted_bytes(impl: str, mode: str, s: BenchShape, n_ht: int, chunk: int =
             chunk_logits = rows * s.v * F32 if impl == "triton_2pass" else 0
             lists = rows * splits * (list_capacity(k, 128) * 8 + 3 * k * 8)
             return partial + chunk_logits + lists + 2 * s.n * k * (F32 + 8)
+        if impl == "torch+ext":  # one source's chunk logits (the op reads them in place), top-K of both sources
+            return min(chunk, s.n) * s.v * F32 + 2 * s.n * k * (F32 + 8)
         # chunk logits of one source + its exp inside logsumexp, and top-K values/ids of both sources
         return 2 * min(chunk, s.n) * s.v * F32 + 2 * s.n * k * (F32 + 8)
     if impl in ("reference", "naive"):
@@ -75,11 +79,19 @@ def predicted_bytes(impl: str, mode: str, s: BenchShape, n_ht: int, chunk: int =
         return 3 * nv * e + grads  # the three logit tensors (the GEMMs' outputs)
     if impl == "floor_alg":
         return 2 * nv * e + 2 * n_ht * s.v * e + grads  # unchunked floor GEMM outputs
+    fp32_grads = (s.v * s.hs + s.n * s.hs) * F32
+    if impl == "torch+ext":
+        # one phase at a time (each frees its chunk before the next GEMM): the statistics pass's chunk of
+        # 4 x chunk tokens; the loss pass's student and source chunks of 2 x chunk tokens (the ops work in place)
+        # beside the fp32 gradient accumulators; backward's gradients beside them. Plus top-K of both sources.
+        stats_chunk = min(4 * chunk, s.n) * s.v * F32
+        loss_chunks = 2 * min(2 * chunk, s.n) * s.v * F32
+        return max(stats_chunk, loss_chunks + fp32_grads, fp32_grads + grads) + 2 * s.n * k * (F32 + 8)
     # our paths: a few chunk x V buffers (student, source, softmaxes, gradient), top-K of both sources,
     # float32 gradient accumulators, then the gradients in the input dtype; bf16/fp16 heads on the PyTorch
     # path add one fp32 block of converted vocabulary rows (never a full fp32 copy of a head)
     block = CONVERT_BLOCK_BYTES if impl == "torch" and e < F32 else 0
-    return 5 * min(chunk, s.n) * s.v * F32 + 2 * s.n * k * (F32 + 8) + (s.v * s.hs + s.n * s.hs) * F32 + grads + block
+    return 5 * min(chunk, s.n) * s.v * F32 + 2 * s.n * k * (F32 + 8) + fp32_grads + grads + block
 
 
 def prediction_note(impl: str, mode: str) -> str:
@@ -91,6 +103,8 @@ def prediction_note(impl: str, mode: str) -> str:
             "triton": "N.splits.CAP candidate lists + N.splits.K keys + 2 N.K top-K",
             "triton_nok": "3 N.splits fp32 partials",
             "triton_2pass": "512.V fp32 chunk logits + N.splits.CAP lists + N.splits.K keys + 2 N.K top-K",
+            "triton_cuda": "512.V fp32 chunk logits + 2 N.K top-K",
+            "torch+ext": "1 chunk.V fp32 + 2 N.K top-K",
         }.get(impl, "2 chunk.V fp32 + 2 N.K top-K")
     return {
         "reference": "3 N.V logits + 4 N.V fp64 (log-softmax x3, grad) + grads",
@@ -99,4 +113,5 @@ def prediction_note(impl: str, mode: str) -> str:
         "liger_compiled": "6 chunk.V fp32 (chunk 1024) + fp32 dW + grads",
         "floor_5gemm": "3 N.V GEMM outputs + grads",
         "floor_alg": "2 N.V + 2 N_HT.V GEMM outputs + grads",
+        "torch+ext": "max(4 chunk.V, 4 chunk.V + fp32 grads, fp32 grads + grads) + 2 N.K top-K",
     }.get(impl, "5 chunk.V fp32 + 2 N.K top-K + fp32 grads + grads (bf16 torch: + one 64 MiB fp32 block)")

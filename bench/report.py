@@ -67,12 +67,12 @@ def plot(rows: list[Row], path: str, title: str) -> None:
     base = compare[0] if compare else None
     series: dict[str, list[Row]] = defaultdict(list)
     for r in rows:
-        if r.mode == "fwdbwd" and r.impl in ("torch", "triton", "floor_alg") and base is not None and (
+        if r.mode == "fwdbwd" and r.impl in ("torch", "torch+ext", "triton", "floor_alg") and base is not None and (
             r.hs, r.ht, r.v) == (base.hs, base.ht, base.v):
             series[r.impl].append(r)
     for impl, pts in series.items():
         pts = sorted({p.n: p for p in pts}.values(), key=lambda p: p.n)
-        color = {"floor_alg": "C0", "torch": "C1", "triton": "C2"}[impl]
+        color = {"floor_alg": "C0", "torch": "C1", "triton": "C2", "torch+ext": "C3"}[impl]
         axes[1, 0].plot([p.n for p in pts], [p.median for p in pts], "o-", label=impl, color=color)
         if impl == "floor_alg":  # its memory is unchunked GEMM outputs, not an algorithm's: time only
             continue

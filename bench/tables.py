@@ -7,8 +7,8 @@ from typing import Optional
 
 import numpy as np
 
-RATIO_TO = (("floor_5gemm", "x 5-GEMM"), ("floor_alg", "x alg. floor"), ("liger_compiled", "x Liger (compiled)"),
-            ("liger", "x Liger (eager)"))
+RATIO_TO = (("floor_5gemm", "x 5-GEMM"), ("floor_alg", "x alg. floor"), ("torch", "x torch"),
+            ("liger_compiled", "x Liger (compiled)"), ("liger", "x Liger (eager)"))
 
 
 @dataclass
@@ -123,7 +123,7 @@ def scaling_lines(rows: list[Row]) -> list[str]:
     out += ["### Scaling in N (forward+backward; Hs, Ht, V as above)", "",
             "| impl | N | median | peak extra memory | memory / token |", "|---|---|---|---|---|"]
     fits = []
-    for impl in ("torch", "triton", "floor_alg"):
+    for impl in ("torch", "torch+ext", "triton", "floor_alg"):
         pts = sorted({r.n: r for r in rows if r.impl == impl and r.mode == "fwdbwd"
                       and (r.hs, r.ht, r.v) == (base.hs, base.ht, base.v)}.values(), key=lambda r: r.n)
         for r in pts:
@@ -141,7 +141,8 @@ def scaling_lines(rows: list[Row]) -> list[str]:
             )
     out += [""] + fits + [""]
     vrows = sorted((r for r in rows if r.suite in ("scaling_v", "compare") and r.mode == "fwdbwd"
-                    and r.impl in ("torch", "triton") and r.n == _v_sweep_n(rows)), key=lambda r: (r.impl, r.v))
+                    and r.impl in ("torch", "torch+ext", "triton") and r.n == _v_sweep_n(rows)),
+                   key=lambda r: (r.impl, r.v))
     if len({r.v for r in vrows}) > 1:
         out += [f"### Scaling in V (forward+backward, N={vrows[0].n})", "",
                 "| impl | V | median | peak extra memory | memory / vocabulary row |", "|---|---|---|---|---|"]

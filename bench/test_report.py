@@ -60,7 +60,7 @@ def _bench(impl: str, n: int, median: float, mem: float, suite: str = "compare")
 
 def test_report_end_to_end(tmp_path) -> None:
     benches = [_bench("floor_5gemm", 2048, 2.0, 1e9), _bench("floor_alg", 2048, 1.0, 5e8),
-               _bench("liger_compiled", 2048, 3.0, 9e8)]
+               _bench("liger_compiled", 2048, 3.0, 9e8), _bench("torch+ext", 2048, 1.2, 2e8)]
     benches += [_bench("torch", n, 1.5 * n / 2048, 1e8 + 1e4 * n, "scaling_n" if n != 2048 else "compare")
                 for n in (512, 1024, 2048, 4096)]
     path = tmp_path / "r.json"
@@ -70,9 +70,12 @@ def test_report_end_to_end(tmp_path) -> None:
     report_main([str(path), "--md", str(md), "--png", str(png)])
     text = md.read_text()
     assert "kept" in text and png.stat().st_size > 0
-    # torch at N=2048: 1.5 s against the 2.0 s five-GEMM floor and the 3.0 s Liger run.
+    # torch at N=2048: 1.5 s against the 2.0 s five-GEMM floor, the 1.0 s algorithmic floor, itself and the
+    # 3.0 s Liger run; torch+ext's 1.2 s against the same.
     torch_row = next(line for line in text.splitlines() if line.startswith("| torch | 1.500 s"))
-    assert "| 0.75 | 1.50 | 0.50 |" in torch_row
+    assert "| 0.75 | 1.50 | 1.00 | 0.50 |" in torch_row
+    ext_row = next(line for line in text.splitlines() if line.startswith("| torch+ext | 1.200 s"))
+    assert "| 0.60 | 1.20 | 0.80 | 0.40 |" in ext_row
     assert "R^2 1.000" in text  # exactly linear synthetic scaling
     assert "bfloat16 inputs beside float32" not in text  # no dtypes suite in this run: no table
     assert len(load_rows(json.loads(path.read_text()))) == len(benches)

@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 
+from . import chunked_ext
 from .config import RouteConfig
 from .divergences import divergence_and_grad
 from .chunked_stats import LinearStats, logits_grad_to_hidden, scaled_logits
@@ -95,9 +96,18 @@ def student_full_rows(
     """
     inv_tau = 1.0 / config.temperature
     rids = [rid for rid, spec in enumerate(config.routes) if spec.support in ("full", "sampled")]
-    for chunk in rows.split(config.chunk_size):
+    for chunk in rows.split(chunked_ext.full_chunk_rows(config, student)):
         h = student_hidden.index_select(0, chunk).to(student.dtype)
         z = scaled_logits(h, student.weight, student.bias, inv_tau, student.transform, student.dtype)
+        fused = chunked_ext.full_chunk(z, chunk, route=route, targets=targets, student=student, sources=sources,
+                                       red_w=red_w, config=config, student_logprob=student_logprob,
+                                       want_grad=grads.any)
+        if fused is not None:  # the compiled epilogue did the chunk; z now holds its raw logit gradient
+            per_token.index_add_(0, chunk, fused)
+            if grads.any:
+                _fold_full_grad(z, h, chunk, student, grads)
+            del z  # before the next chunk's GEMM
+            continue
         logp = z.log_softmax(-1)
         # Kept (one more C x V buffer) only when the transform's derivative reads it: a soft-cap.
         z = z if student.transform.grad_needs_logits else None
@@ -136,8 +146,8 @@ def student_full_rows(
 
 def _fold_full_grad(dz: Tensor, h: Tensor, chunk: Tensor, student: Projection, grads: GradBuffers) -> None:
     """d hidden[chunk] += dz @ W;  d W += dz^T @ h;  d b += sum(dz). dz: (C, V) raw logit gradient."""
-    if grads.hidden is not None:
-        grads.hidden.index_add_(0, chunk, logits_grad_to_hidden(dz, student.weight))
+    if grads.hidden is not None:  # chunk rows are distinct; index_put_ adds them ~10x faster than index_add_ on CPU
+        grads.hidden.index_put_((chunk,), logits_grad_to_hidden(dz, student.weight), accumulate=True)
     if grads.weight is not None:
         grads.weight.addmm_(dz.T, h)
     if grads.bias is not None:
@@ -195,6 +205,9 @@ def topk_rows(
     student's logits at those K ids are ``transform(h . W[idx] (+ b[idx]))``: a gather of K rows of W
     per token.
     """
+    if chunked_ext.topk_rows(rows, route=route, student_hidden=student_hidden, student=student, stats=stats,
+                             red_w=red_w, config=config, per_token=per_token, grads=grads):
+        return  # the compiled epilogue (dopd_kernels.ext)
     inv_tau = 1.0 / config.temperature
     k = stats.topk_idx.shape[1]
     hs = student.weight.shape[1]

@@ -17,6 +17,7 @@ import torch
 
 from .topk import ties_may_cross_cut, topk_lower_id
 from .transform import IDENTITY, LogitTransform
+from . import chunked_ext
 
 Tensor = torch.Tensor
 
@@ -131,6 +132,13 @@ def linear_stats(
     for start in range(0, n, chunk_size):
         stop = min(start + chunk_size, n)
         z = scaled_logits(hidden[start:stop], weight, bias, inv_tau, transform, dtype)
+        fused = chunked_ext.chunk_stats(z, targets[start:stop], top_k)
+        if fused is not None:  # the compiled epilogue: one pass per row (dopd_kernels.ext)
+            lse[start:stop], target_logit[start:stop] = fused[0], fused[1]
+            if top_k:
+                topk_vals[start:stop], topk_idx[start:stop] = fused[2], fused[3]
+            del z, fused  # free the chunk before the next GEMM allocates its own (one C x V buffer at a time)
+            continue
         target_logit[start:stop] = z.gather(1, targets[start:stop, None]).squeeze(1)
         if top_k and exact_ties:
             topk_vals[start:stop], topk_idx[start:stop] = topk_lower_id(z, top_k)

@@ -77,6 +77,16 @@ def test_masked_positions_may_hold_anything():
     assert torch.isfinite(out.loss)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_one_non_finite_hidden_value_at_a_valid_position_is_named(bad):
+    inp = make_inputs(lead=(2, 4), mask_frac=0.0)
+    hidden = inp.self_hidden.clone()
+    hidden[1, 2, 3] = bad  # a single entry of an otherwise finite row
+    with pytest.raises(ValueError, match="self_hidden has non-finite"):
+        routed_loss(inp.student_hidden, inp.student_weight, inp.teacher_hidden, inp.teacher_weight, hidden,
+                    inp.target_ids)
+
+
 @pytest.mark.parametrize(
     "kwargs,name",
     [

@@ -17,7 +17,8 @@ _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.floa
 
 @dataclass(frozen=True)
 class Blocks:
-    """Tiles: stats (token x vocab x hidden), statistics pass "fused" | "two_pass" and the two-pass chunk
+    """Tiles: stats (token x vocab x hidden), statistics pass "fused" | "two_pass" | "cuda" (cuBLAS + the
+    compiled row_stats op) and the two-pass / cuda chunk
     (rows), stats token block with top-K, keys per top-K compaction pass
     (token block x list chunk),
     matmul (m x n x k), row sweeps (vocab), top-K gather/scatter tiles (ids x hidden), warps; and ``gpu``:

@@ -168,13 +168,19 @@ def fused_linear_stats(
     ``impl`` (default ``blocks.stats_impl``): "fused" (the GEMM inside the statistics kernel) or "two_pass"
     (per chunk of ``blocks.stats_chunk`` rows, ``matmul.py`` writes fp32 logits, then the same kernel reads
     them: a C x V scratch and 8 V bytes of traffic per row, but the GEMM runs in plain 128-row tiles with
-    no epilogue beside it). Both give the same results; which is faster is for a GPU benchmark to say.
+    no epilogue beside it) or "cuda" (the same chunks from a cuBLAS GEMM, read by the compiled ``dopd::row_stats``
+    op: ``ext_stats.py``). All give the same results; which is faster is for a GPU benchmark to say.
     """
     n, h = hidden.shape
     blocks = blocks_for(hidden.device)
     impl = impl or blocks.stats_impl
-    if impl not in ("fused", "two_pass"):
-        raise ValueError(f"impl must be 'fused' or 'two_pass', got {impl!r}")
+    if impl not in ("fused", "two_pass", "cuda"):
+        raise ValueError(f"impl must be 'fused', 'two_pass' or 'cuda', got {impl!r}")
+    if impl == "cuda":  # cuBLAS GEMM + the compiled row_stats op (ext_stats.py)
+        from .ext_stats import ext_linear_stats
+
+        return ext_linear_stats(hidden, weight, bias, targets, vocab=vocab, inv_tau=inv_tau, top_k=top_k,
+                                chunk=blocks.stats_chunk)
     hidden = hidden.contiguous()
     weight = weight if weight.stride(1) == 1 else weight.contiguous()
     block_v, block_n = blocks.stats_v, blocks.topk_n if top_k else blocks.stats_n
