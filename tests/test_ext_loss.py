@@ -85,6 +85,23 @@ def test_custom_table_mixing_every_kind(calls):
     assert all(calls.values()), calls
 
 
+@pytest.mark.parametrize("preset", ["dopd", "vanilla_opd", "opsd"])
+def test_logit_transforms_with_the_ops(calls, preset):
+    """Soft-capped, scaled student and teacher (Gemma-2 / Granite style) with -inf student-bias entries: the ops
+    take the cap's derivative and the multiplier, and the loss still matches the float64 reference."""
+    from dopd_kernels import LogitTransform
+
+    inp = make_inputs(dtype=torch.float32, lead=(4, 13), vocab=53, vt=61, logit_scale=4.0)
+    inp.student_bias[[3, 17, 40]] = float("-inf")  # never sampled targets (they have no probability)
+    inp.target_ids = torch.where(torch.isin(inp.target_ids, torch.tensor([3, 17, 40])), 0, inp.target_ids)
+    inp.extra = dict(student_transform=LogitTransform(scale=1.7, softcap=5.0),
+                     teacher_transform=LogitTransform(scale=0.6, softcap=9.0))
+    with ext_module.forced(True):
+        out = _compare(inp, RouteConfig.preset(preset, top_k=6, chunk_size=7, temperature=1.3))
+    assert {name for name, n in calls.items() if n} == EXPECTED[preset], calls
+    assert torch.isfinite(out[0].loss)
+
+
 def test_bf16_inputs_with_the_ops(calls):
     inp = make_inputs(dtype=torch.bfloat16, vt=40)
     with ext_module.forced(True):
