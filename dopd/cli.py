@@ -14,12 +14,6 @@ from typing import Optional, Sequence
 from dopd.config import ConfigError, add_config_flags, flag_overrides, resolve_config
 
 
-TEMPERATURE_HELP = ("sampling temperature of the rollouts; the loss and routing use the same one unless "
-                    "--loss temperature=T is given (a warning then says that they differ)")
-DTYPE_HELP = ("float32, or mixed precision: bfloat16 | float16 compute (autocast) over fp32 master weights and "
-              "optimizer state; teacher and frozen self stored in that dtype")
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dopd", description="Dual On-policy Distillation: train, evaluate, plot.")
     common = argparse.ArgumentParser(add_help=False)
@@ -27,32 +21,35 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     # No ArgumentDefaultsHelpFormatter: every config flag defaults to None (it overrides nothing unless
     # given) and already states the field's real default in its help.
-    tr = sub.add_parser("train", help="distil a student (no arguments: the embedded default task)", parents=[common])
+    tr = sub.add_parser(
+        "train", help="distil a student (no arguments: the embedded default task)", parents=[common],
+        epilog="Without --student/--teacher/--data the embedded task runs, with defaults of its own for some flags "
+               "(README: 'The embedded default'). Several processes: torchrun --nproc_per_node N -m dopd train ... "
+               "(README: 'Several GPUs').")
     tr.add_argument("--config", help="YAML file of TrainConfig fields (flags override it)")
     add_config_flags(tr)
-    for action in tr._actions:  # the two flags whose meaning needs more than their default
-        if action.dest == "temperature":
-            action.help = f"{TEMPERATURE_HELP} (default: 1.0)"
-        elif action.dest == "dtype":
-            action.help, action.choices = f"{DTYPE_HELP} (default: float32)", ("float32", "bfloat16", "float16")
     ev = sub.add_parser("eval", help="greedy accuracy of a model on held-out prompts", parents=[common])
     ev.add_argument("--model", required=True, help="path or id of the model to evaluate")
     ev.add_argument("--data", required=True, help="JSON lines with prompt and answer")
-    ev.add_argument("--tokenizer", help="defaults to the model's")
-    ev.add_argument("--max-new-tokens", type=int, default=256)
-    ev.add_argument("--batch-size", type=int, default=64)
-    ev.add_argument("--limit", type=int, default=0, help="evaluate only the first N records (0: all)")
-    ev.add_argument("--answer-marker", default="####", help="the final answer follows the last marker")
-    ev.add_argument("--student-template", default="{prompt}")
-    ev.add_argument("--response-prefix", default="\n")
-    ev.add_argument("--no-chat-template", action="store_true")
-    ev.add_argument("--device", default="auto")
+    ev.add_argument("--tokenizer", help="tokenizer path or Hub id (default: the model's)")
+    ev.add_argument("--max-new-tokens", type=int, default=256, help="longest response, in tokens (default: 256)")
+    ev.add_argument("--batch-size", type=int, default=64, help="prompts per generate call (default: 64)")
+    ev.add_argument("--limit", type=int, default=0, help="evaluate only the first N records (default: 0: all)")
+    ev.add_argument("--answer-marker", default="####",
+                    help="the final answer follows the last marker (default: '####')")
+    ev.add_argument("--student-template", default="{prompt}",
+                    help="the model's context; {prompt} is replaced (default: '{prompt}')")
+    ev.add_argument("--response-prefix", default="\n",
+                    help="appended to contexts when the tokenizer has no chat template (default: '\\n')")
+    ev.add_argument("--no-chat-template", action="store_true",
+                    help="do not render contexts through the tokenizer's chat template")
+    ev.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: 'auto')")
     ev.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                    help="the model's weights and compute dtype (bfloat16 halves the memory)")
-    ev.add_argument("--output", help="write the result as JSON here")
+                    help="the model's weights and compute dtype; bfloat16 halves the memory (default: 'float32')")
+    ev.add_argument("--output", help="write the result as JSON here (default: none)")
     pl = sub.add_parser("plot", help="draw route fractions, loss and accuracy of a run into a PNG", parents=[common])
     pl.add_argument("dir", help="the run's output directory (holds metrics.jsonl)")
-    pl.add_argument("--out", help="PNG path (default DIR/training.png)")
+    pl.add_argument("--out", help="PNG path (default: DIR/training.png)")
     return p
 
 
