@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 import warnings
 from typing import Optional, Sequence
 
@@ -54,10 +55,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from dopd.distributed import init_distributed, rank_device, shutdown
     from dopd.preflight import check_flags
+    from dopd.trainer import check_world
 
     config = resolve_config(args.config, flag_overrides(args))
-    check_flags(config, warn=False)  # the flags alone, before the embedded task trains its teacher (minutes)
+    # Under torchrun: join the other ranks (NCCL on cuda:LOCAL_RANK, gloo on CPU); else a single process.
+    ctx = init_distributed(config.device, config.dist_timeout)
+    check_world(config, ctx)
+    # The flags alone, before the embedded task trains its teacher (minutes).
+    check_flags(dataclasses.replace(config, device=rank_device(config.device, ctx.local_rank if ctx.enabled else None)),
+                warn=False)
     embedded = config.is_embedded_default
     if embedded:
         import os
@@ -70,18 +80,23 @@ def _train(args: argparse.Namespace) -> int:
             # The tiny models' matrices are too small to split across threads: synchronisation
             # costs more than it saves (10x slower on a busy 2-core machine), so use one thread.
             torch.set_num_threads(1)
-        config, reference = prepare_default_task(config)
+        # Rank 0 trains (or loads from the cache) the tiny models and writes the data; the other ranks take
+        # its paths (several nodes: --cache-dir and --output-dir on a filesystem they share).
+        prepared = prepare_default_task(config, log=print) if ctx.is_main else None
+        config, reference = ctx.broadcast_object(prepared)
     from dopd.trainer import Trainer
 
-    summary = Trainer(config).train()
-    before, after = summary.get("accuracy_before"), summary.get("accuracy_after")
-    print(f"checkpoint: {summary['checkpoint']}")
-    if after is not None:
-        first = f"{before:.3f} -> " if before is not None else ""
-        print(f"student accuracy ({config.preset}): {first}{after:.3f}")
-    if embedded:
-        print(f"teacher accuracy without the hint: {reference['teacher_accuracy']:.3f} "
-              f"(for reference; the student never sees the hint)")
+    summary = Trainer(config, dist=ctx).train()
+    if ctx.is_main:
+        before, after = summary.get("accuracy_before"), summary.get("accuracy_after")
+        print(f"checkpoint: {summary['checkpoint']}")
+        if after is not None:
+            first = f"{before:.3f} -> " if before is not None else ""
+            print(f"student accuracy ({config.preset}): {first}{after:.3f}")
+        if embedded:
+            print(f"teacher accuracy without the hint: {reference['teacher_accuracy']:.3f} "
+                  f"(for reference; the student never sees the hint)")
+    shutdown(ctx)
     return 0
 
 
@@ -140,6 +155,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from dopd.data import DataError
     from dopd.modeling import CompatibilityError
 
+    from dopd.distributed import DistContext, failure_message, is_collective_failure
+
     try:
         with warnings.catch_warnings():  # one line per warning, like the errors (restored on return)
             warnings.showwarning = lambda message, category, *_a, **_k: print(
@@ -149,8 +166,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.debug:
             raise
         message = " ".join(str(err).split()) or type(err).__name__  # one line, whatever the library wrote
-        print(f"dopd {args.command}: error: {message}", file=sys.stderr)
+        ctx = DistContext.current()
+        where = f"{ctx.describe()}: " if ctx.enabled else ""
+        print(f"dopd {args.command}: error: {where}{message}", file=sys.stderr)
         return 2
+    except Exception as err:
+        ctx = DistContext.current()
+        if args.debug or not ctx.enabled:
+            raise  # a single process: the traceback, as ever
+        # One of several ranks: say which one and why, on one line. The launcher (torchrun) then stops the
+        # others; a rank waiting in a collective for this one fails at once (gloo) or after --dist-timeout.
+        if not (isinstance(err, FloatingPointError) or is_collective_failure(err)):
+            traceback.print_exc()  # unexpected: keep the traceback above the summary line
+        print(f"dopd {args.command}: error: {failure_message(err, ctx)}", file=sys.stderr, flush=True)
+        return 1
 
 
 if __name__ == "__main__":
