@@ -164,11 +164,13 @@ def init_distributed(device: str, timeout_s: float) -> DistContext:
 
 
 def shutdown(ctx: DistContext) -> None:
-    """Leave the process group (after a successful run; a failed one just exits)."""
+    """Leave the process group together (after a successful run; a failed one just exits): a rank that tore
+    its connections down while another still used them would make that one fail at exit."""
     if ctx.enabled:
         import torch.distributed as dist
 
         if dist.is_initialized():
+            dist.barrier(group=ctx.group)
             dist.destroy_process_group()
 
 

@@ -98,6 +98,16 @@ def shard_frozen(model: torch.nn.Module, ctx: DistContext, parallel: str, device
     return model
 
 
+def grad_scaler(precision: Precision, device: torch.device, ctx: DistContext, parallel: str) -> Any:
+    """The fp16 loss scaler (disabled otherwise). Under FSDP2 each rank sees only its gradient shards, so it is
+    ``ShardedGradScaler``, which all-reduces "a shard overflowed": every rank skips or takes the same steps."""
+    if ctx.enabled and parallel == "fsdp" and precision.compute_dtype == torch.float16:
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler(device.type, enabled=True, process_group=ctx.group)
+    return precision.grad_scaler(device)
+
+
 def is_fsdp(module: torch.nn.Module) -> bool:
     """True when ``module`` is an FSDP2 root (``fully_shard`` applied)."""
     from torch.distributed.fsdp import FSDPModule

@@ -35,7 +35,7 @@ from dopd.distributed import DistContext, rank_device
 from dopd.evaluate import score, summarize
 from dopd.metrics import MetricsLogger
 from dopd.modeling import load_causal_lm, maybe_apply_liger
-from dopd.parallel import clip_grad_norm, no_sync, shard_frozen, wrap_student
+from dopd.parallel import clip_grad_norm, grad_scaler, no_sync, shard_frozen, wrap_student
 from dopd.passes import build_pass_batch, output_projection, response_hidden, verify_logit_transform
 from dopd.preflight import check_run, route_config  # noqa: F401  (route_config: re-exported)
 from dopd.rollout import Rollout
@@ -133,7 +133,7 @@ class Trainer:
                                            betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
         self.scheduler = get_cosine_schedule_with_warmup(
             self.optimizer, num_warmup_steps=int(cfg.warmup_ratio * cfg.max_steps), num_training_steps=cfg.max_steps)
-        self.scaler = prec.grad_scaler(self.device)
+        self.scaler = grad_scaler(prec, self.device, ctx, cfg.parallel)
         self.step = 0
         if self.resume_from:  # last: it sets the RNG state that step 1 reads
             info = load_checkpoint(self.resume_from, student=self.student, optimizer=self.optimizer,

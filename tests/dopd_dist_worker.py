@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _dist_common import FixedRolloutTrainer, full_grads_and_params, step_config  # noqa: E402
 
 from dopd.config import TrainConfig, apply_overrides  # noqa: E402
-from dopd.distributed import DistContext, init_distributed  # noqa: E402
+from dopd.distributed import DistContext, init_distributed, shutdown  # noqa: E402
 from dopd.trainer import Trainer  # noqa: E402
 
 
@@ -67,6 +67,23 @@ def run_step(out_dir: str, config_path: str) -> None:
             name = f"{parallel}-{self_model}"
             run = step_config(cfg, parallel=parallel, self_model=self_model, output_dir=os.path.join(out_dir, name))
             results[name] = one_step(FixedRolloutTrainer(run, log=_silent))
+    # fp16 under FSDP2: an overflow in one rank's gradient shard skips the step on every rank.
+    fp16 = FixedRolloutTrainer(step_config(cfg, parallel="fsdp", dtype="float16", output_dir=os.path.join(out_dir, "fp16")),
+                               log=_silent)
+    fp16.setup()
+    before = full_grads_and_params(fp16)[1]
+    real_unscale, scale = fp16.scaler.unscale_, float(fp16.scaler.get_scale())
+
+    def overflow_on_rank1(optimizer):
+        if ctx.rank == 1:
+            next(p for p in fp16.student.parameters() if p.grad is not None).grad.to_local().view(-1)[0] = float("inf")
+        return real_unscale(optimizer)
+
+    fp16.scaler.unscale_ = overflow_on_rank1
+    fp16.train_step()
+    after = full_grads_and_params(fp16)[1]
+    results["fp16"] = {"scaler": type(fp16.scaler).__name__, "scale": (scale, float(fp16.scaler.get_scale())),
+                       "unchanged": all(torch.equal(before[k], after[k]) for k in before)}
     # Per-rank routing statistics: the routes of this rank's share alone.
     local = FixedRolloutTrainer(step_config(cfg, local_routing_stats=True, output_dir=os.path.join(out_dir, "local")),
                                 log=_silent)
@@ -97,6 +114,7 @@ def run_step(out_dir: str, config_path: str) -> None:
         results["nan"] = {"error": str(err), "step": nan.step,
                           "unchanged": all(torch.equal(a, p.detach()) for a, p in zip(before, nan.student.parameters()))}
     torch.save(results, os.path.join(out_dir, f"step-rank{ctx.rank}.pt"))
+    shutdown(ctx)
 
 
 def run_resume(out_dir: str, config_path: str) -> None:
@@ -116,6 +134,7 @@ def run_resume(out_dir: str, config_path: str) -> None:
         resumed.setup()
         assert resumed.step == 2, resumed.step
         resumed.train()
+    shutdown(ctx)
 
 
 def run_fail(mode: str, argv: list[str]) -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import sys
 from dataclasses import replace
@@ -136,6 +137,12 @@ def test_global_routes_equal_one_rank_routes_on_the_union(two_ranks, one_rank):
                for a in two_ranks)  # and the global statistics really routed differently
 
 
+def test_fp16_under_fsdp_an_overflow_on_one_rank_skips_the_step_on_all(two_ranks):
+    for part in (r["fp16"] for r in two_ranks):  # rank 1 alone saw an inf in its gradient shard
+        assert part["scaler"] == "ShardedGradScaler"
+        assert part["unchanged"] and part["scale"] == (65536.0, 32768.0)  # skipped and backed off everywhere
+
+
 def test_non_finite_loss_on_one_rank_stops_every_rank(two_ranks):
     for part in (r["nan"] for r in two_ranks):
         assert part["error"] == "non-finite loss at step 1 on rank(s) [1] of 2: nan"
@@ -187,9 +194,14 @@ def test_readme_torchrun_command(tiny, parallel):
 
     root, cfg = tiny
     out = root / f"cli-{parallel}"
-    # The command of README "Several GPUs", on gloo (the tiny task's models come from the DOPD_CACHE set above).
-    rc, output, _ = _launch(root, "-m", "dopd", "train", "--task-size", "tiny", "--max-steps", "2", "--output-dir",
-                            str(out), "--parallel", parallel)
+    # The README's command (section "Several GPUs"), on gloo; the tiny task's models come from DOPD_CACHE.
+    readme = (HERE.parent / "README.md").read_text()
+    line = next(line for line in readme.splitlines()
+                if line.startswith("torchrun --standalone") and line.endswith(f"--parallel {parallel}"))
+    argv = shlex.split(line.replace("DIR", str(out)))
+    assert argv[:4] == ["torchrun", "--standalone", "--nproc_per_node", "2"]
+    assert argv[4:8] == ["-m", "dopd", "train", "--task-size"]
+    rc, output, _ = _launch(root, *argv[4:])
     assert rc == 0, output[-6000:]
     assert output.count("checkpoint: ") == 1 and output.count("student accuracy (dopd):") == 1  # rank 0 speaks
     found = [os.path.join(d, f) for d, _, files in os.walk(out) for f in files if f == "metrics.jsonl"]
