@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 
@@ -58,6 +58,8 @@ def routed_loss(
     student_transform: Optional[LogitTransform] = None,
     teacher_transform: Optional[LogitTransform] = None,
     self_transform: Optional[LogitTransform] = None,
+    vocab_group: Optional[Any] = None,
+    reduce_hidden_grad: bool = True,
 ) -> RoutedLossOutput:
     """The DOPD routed distillation loss from hidden states and output projections.
 
@@ -80,6 +82,20 @@ def routed_loss(
             (``LogitTransform(scale, softcap)``: multiplier, then final soft-cap), applied right after the
             projection and before ``config.temperature``. None is the identity; ``self_transform``
             defaults to ``student_transform`` (the self pass is the student's model).
+        vocab_group: a ``torch.distributed`` process group (tensor parallel) over which the output projections
+            are split by vocabulary rows: each rank passes its contiguous shard of rows of ``student_weight``,
+            ``teacher_weight``, ``self_weight`` and the biases (the shards, concatenated in the group's rank
+            order, are the whole vocabulary; sizes may differ between ranks) and the same (replicated) hidden
+            states, ``target_ids`` (global ids), ``mask`` and ``hard_labels``. Cut the teacher's padding rows
+            beyond the student's vocabulary before sharding: a rank's teacher and student shards must have the
+            same rows. Every rank gets what one process would on the concatenated weights (loss, per-token
+            fields, metrics); the weight/bias gradients are the shard's rows of the full gradient. Collective:
+            call it on every rank of the group; reading ``student_logprob`` may be one too (read it on every
+            rank). Independent of ``config.stats_group`` (data parallel); they combine.
+        reduce_hidden_grad: with ``vocab_group``, True (default): the gradient of ``student_hidden`` is the full
+            gradient on every rank (the op sums the shards' parts over the group). False: each rank gets its
+            own shard's part, for callers whose tensor-parallel region all-reduces the input gradient itself
+            (Megatron's ``copy_to_tensor_model_parallel_region``), so that nothing is counted twice.
 
     Returns:
         RoutedLossOutput: ``loss`` (differentiable w.r.t. student_hidden, student_weight, student_bias)
@@ -87,10 +103,16 @@ def routed_loss(
         ``student_logprob``; ``metrics()`` for logging.
     """
     config = as_config(config)
-    valid = validate_hidden_inputs(
-        student_hidden, student_weight, teacher_hidden, teacher_weight, self_hidden, target_ids, mask,
-        student_bias, teacher_bias, self_weight, self_bias, hard_labels, config,
-    )
+    if not isinstance(reduce_hidden_grad, bool):
+        raise ValueError(f"reduce_hidden_grad must be a bool, got {reduce_hidden_grad!r}")
+    inputs = (student_hidden, student_weight, teacher_hidden, teacher_weight, self_hidden, target_ids, mask,
+              student_bias, teacher_bias, self_weight, self_bias, hard_labels, config)
+    if vocab_group is None:
+        valid = validate_hidden_inputs(*inputs)
+    else:
+        from .vocab_parallel import validate_sharded
+
+        valid, layout = validate_sharded(*inputs, vocab_group)
     s_tf = as_transform("student_transform", student_transform)
     kwargs = dict(
         student_bias=student_bias, teacher_bias=teacher_bias, self_weight=self_weight, self_bias=self_bias,
@@ -101,6 +123,15 @@ def routed_loss(
     args = (student_hidden, student_weight, teacher_hidden, teacher_weight, self_hidden, target_ids, valid)
     chosen = _resolve_backend(backend, student_hidden.device, config, student_hidden.dtype,
                               CallShape.of(student_hidden, student_weight, student_bias, teacher_bias))
+    if vocab_group is not None:
+        # (Both compute backends run the same collectives, so ranks whose "auto" self-checks disagreed
+        # would still stay in step.)
+        from .vocab_parallel import sharded_reference, vocab_parallel_routed_loss
+
+        if chosen == "reference":
+            return sharded_reference(*args, layout=layout, reduce_hidden_grad=reduce_hidden_grad, **kwargs)
+        return vocab_parallel_routed_loss(*args, layout=layout, backend=chosen, reduce_hidden_grad=reduce_hidden_grad,
+                                          **kwargs)
     if chosen == "reference":
         return reference_routed_loss(*args, **kwargs)
     if chosen == "triton":
@@ -143,18 +174,24 @@ class RoutedDistillationLoss(torch.nn.Module):
     >>> out.loss.backward()
     """
 
-    def __init__(self, config: Union[RouteConfig, str, None] = None, backend: str = "auto") -> None:
+    def __init__(self, config: Union[RouteConfig, str, None] = None, backend: str = "auto",
+                 vocab_group: Optional[Any] = None, reduce_hidden_grad: bool = True) -> None:
         super().__init__()
         self.config = as_config(config)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.backend = backend
+        self.vocab_group = vocab_group  # see routed_loss: the weights passed to forward are vocabulary shards
+        self.reduce_hidden_grad = reduce_hidden_grad
 
     def forward(self, student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor, teacher_weight: Tensor,
                 self_hidden: Tensor, target_ids: Tensor, mask: Optional[Tensor] = None, **kwargs) -> RoutedLossOutput:
-        """See ``routed_loss``; keyword arguments (biases, self_weight, hard_labels) pass through."""
+        """See ``routed_loss``; keyword arguments (biases, self_weight, hard_labels, transforms) pass through."""
+        kwargs.setdefault("vocab_group", self.vocab_group)
+        kwargs.setdefault("reduce_hidden_grad", self.reduce_hidden_grad)
         return routed_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, self_hidden, target_ids,
                            mask, config=self.config, backend=self.backend, **kwargs)
 
     def extra_repr(self) -> str:
-        return f"backend={self.backend!r}, config={self.config!r}"
+        group = "" if self.vocab_group is None else ", vocab_group=<process group>"
+        return f"backend={self.backend!r}, config={self.config!r}{group}"

@@ -19,6 +19,7 @@ the tests compare two independent derivations.
 from __future__ import annotations
 
 import math
+from typing import Callable, Optional
 
 import torch
 
@@ -71,21 +72,26 @@ def _plogratio_(logp: Tensor, logq: Tensor, p: Tensor) -> Tensor:
     return torch.sub(logp, logq).mul_(p).masked_fill_(p == 0, 0.0)
 
 
-def divergence_and_grad(ls: Tensor, lt: Tensor, kind: str, beta: float = 0.5) -> tuple[Tensor, Tensor]:
+def divergence_and_grad(ls: Tensor, lt: Tensor, kind: str, beta: float = 0.5,
+                        reduce_rows: Optional[Callable[[Tensor], Tensor]] = None) -> tuple[Tensor, Tensor]:
     """The divergence (..., ) and its gradient (..., S) with respect to the student's logits.
 
     ``ls`` must be log_softmax of the student's logits over the support (so the gradient of the
     normalisation is included). Computed without autograd, in the dtype of ``ls``, with in-place
     steps: the fused paths call it on C x V chunks, where every extra buffer is chunk-sized.
+    ``reduce_rows``: when the support is split over ranks (vocabulary-parallel), a function that sums
+    the per-row partial sums (a tensor of any shape) over the ranks; the value and the terms of the
+    gradient that need a sum over the whole support use its result, every per-entry term stays local.
     """
+    total = reduce_rows or (lambda x: x)
     s = ls.exp()
     if kind == "rkl":
         grad = _plogratio_(ls, lt, s)  # s (ls - lt), 0 where s = 0
-        value = grad.sum(-1)
+        value = total(grad.sum(-1))
         # s (ls - lt - value) = grad - s * value; 0 where s = 0
         return value, grad.sub_(s * value.unsqueeze(-1))
     if kind == "fkl":
-        value = _plogratio_(lt, ls, lt.exp()).sum(-1)
+        value = total(_plogratio_(lt, ls, lt.exp()).sum(-1))
         return value, s.sub_(lt.exp())
     if kind == "jsd":
         lm = _log_mixture(ls, lt, beta)
@@ -94,6 +100,8 @@ def divergence_and_grad(ls: Tensor, lt: Tensor, kind: str, beta: float = 0.5) ->
         # where s = 0 and the entry contributes nothing.
         d_sm = lm.neg_().add_(ls).masked_fill_(s == 0, 0.0)
         kl_sm = (s * d_sm).sum(-1)
+        if reduce_rows is not None:  # both sums in one reduction
+            kl_tm, kl_sm = reduce_rows(torch.stack([kl_tm, kl_sm])).unbind(0)
         value = beta * kl_tm + (1.0 - beta) * kl_sm
         grad = d_sm.sub_(kl_sm.unsqueeze(-1)).mul_(s).mul_(1.0 - beta)
         return value, grad

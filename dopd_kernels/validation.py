@@ -104,8 +104,13 @@ def _value_checks(valid: Tensor, mask, target_ids: Tensor, hard_labels, vocab: i
 def validate_hidden_inputs(
     student_hidden, student_weight, teacher_hidden, teacher_weight, self_hidden, target_ids, mask,
     student_bias, teacher_bias, self_weight, self_bias, hard_labels, config: RouteConfig,
+    vocab_size: Optional[int] = None,
 ) -> Tensor:
-    """Validate ``routed_loss``'s arguments; returns the validity mask (bool, shaped like target_ids)."""
+    """Validate ``routed_loss``'s arguments; returns the validity mask (bool, shaped like target_ids).
+
+    ``vocab_size``: the range of the ids when the weights are one rank's vocabulary shard (the whole
+    vocabulary's size); default: the student weight's rows.
+    """
     _tensor("student_hidden", student_hidden, floating=True, dims=(2, 3))
     _tensor("student_weight", student_weight, floating=True, dims=(2,))
     _tensor("teacher_hidden", teacher_hidden, floating=True, dims=(2, 3))
@@ -145,6 +150,8 @@ def validate_hidden_inputs(
     _tensor("target_ids", target_ids)
     if tuple(target_ids.shape) != lead:
         raise ValueError(f"target_ids must have the leading shape of the hidden states {lead}, got {tuple(target_ids.shape)}")
+    if vocab_size is not None:  # a vocabulary shard: the ids index the whole vocabulary
+        vocab = vocab_size
     valid = _mask_and_labels(target_ids, mask, hard_labels, config, vocab)
     _same_device({
         "student_hidden": student_hidden, "student_weight": student_weight, "teacher_hidden": teacher_hidden,

@@ -217,8 +217,14 @@ def test_logit_transform_read_from_config(attrs, expected):
 
 
 def test_logit_transform_refuses_a_zero_scale():
-    with pytest.raises(ValueError, match="_Model: unsupported logit post-processing"):
+    with pytest.raises(ValueError, match="_Model: logit_scale=0.0: expected a finite number > 0"):
         logit_transform(_Model(logit_scale=0.0))
+
+
+def test_logit_transform_refuses_what_it_cannot_reproduce():
+    """The trainer's reader, not TRL's: MiniCPM rescales its hidden states before the head."""
+    with pytest.raises(ValueError, match="_Model: dim_model_base=256"):
+        logit_transform(_Model(dim_model_base=256, model_type="minicpm"))
 
 
 # --------------------------------------------------------------------------------------------- example

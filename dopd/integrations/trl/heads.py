@@ -1,8 +1,6 @@
 """What the loss needs from each model besides its hidden states: the output projection and its logit
-post-processing, read the way TRL's ``DistillationTrainer`` reads them; and the data-parallel group.
-
-The logit transform belongs with the shared trainer code (issue 15 plans ``dopd.passes.logit_transform``);
-until that lands it lives here, reading the same config attributes, in the same order, as TRL 1.16.
+post-processing (the trainer's reader, a superset of what TRL's ``DistillationTrainer`` reads); and the
+data-parallel group.
 """
 
 from __future__ import annotations
@@ -17,27 +15,16 @@ Tensor = torch.Tensor
 
 
 def logit_transform(model: Any) -> LogitTransform:
-    """``LogitTransform(scale, softcap)`` from a model's (text) config, as TRL's loss reads it.
+    """``LogitTransform(scale, softcap)`` of a model, read from its (text) config by the trainer's own reader.
 
-    scale: ``logit_scale`` (Cohere), else ``output_multiplier``, else ``lm_head_multiplier`` (Falcon-H1),
-    else ``1 / logits_scaling`` (Granite, MiniCPM3; HyperCLOVA X multiplies by it), else 1.
-    softcap: ``final_logit_softcapping`` (Gemma 2), after the scale. A scale <= 0 is refused.
+    ``dopd.passes.logit_transform`` reads every setting TRL's loss reads (``logit_scale``,
+    ``output_multiplier``, ``lm_head_multiplier``, ``logits_scaling``, ``final_logit_softcapping``, in TRL's
+    order and meaning) and refuses, with a ValueError naming the model and setting, post-processing that
+    a transform cannot reproduce exactly (MiniCPM's rescaled hidden states, MPT's ignored ``logit_scale``...).
     """
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    scale = getattr(config, "logit_scale", None)
-    if scale is None:
-        scale = getattr(config, "output_multiplier", None)
-    if scale is None:
-        scale = getattr(config, "lm_head_multiplier", None)
-    if scale is None and getattr(config, "logits_scaling", None) is not None:
-        scaling = config.logits_scaling
-        scale = scaling if getattr(config, "model_type", None) == "hyperclovax" else 1.0 / scaling
-    softcap = getattr(config, "final_logit_softcapping", None)
-    try:
-        return LogitTransform(scale=1.0 if scale is None else float(scale),
-                              softcap=None if softcap is None else float(softcap))
-    except ValueError as err:
-        raise ValueError(f"{type(model).__name__}: unsupported logit post-processing in its config: {err}") from None
+    from dopd.passes import logit_transform as from_config
+
+    return from_config(model.config, name=type(model).__name__)
 
 
 def head_params(model: Any, dtype: torch.dtype) -> tuple[Tensor, Optional[Tensor]]:
