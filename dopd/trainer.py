@@ -171,8 +171,10 @@ class Trainer:
 
     # ----------------------------------------------------------------- training
     def _generate(self, _model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], **kwargs: Any) -> Rollout:
-        """``dopd.rollout.generate`` through the wrapped student's forward (see ``dopd.distill``)."""
-        return self.student_module("generate", tokenizer, prompts, **kwargs)
+        """``dopd.rollout.generate`` through the wrapped student's forward (see ``dopd.distill``); no_grad out
+        here too, so that DDP does not arm its gradient all-reduce for a forward that has no backward."""
+        with torch.no_grad():
+            return self.student_module("generate", tokenizer, prompts, **kwargs)
 
     def rollout(self, contexts: Sequence[Sequence[int]]) -> Rollout:
         """One sampled response per student context (the tests replace this with fixed responses)."""

@@ -67,6 +67,10 @@ def run_step(out_dir: str, config_path: str) -> None:
             name = f"{parallel}-{self_model}"
             run = step_config(cfg, parallel=parallel, self_model=self_model, output_dir=os.path.join(out_dir, name))
             results[name] = one_step(FixedRolloutTrainer(run, log=_silent))
+        # token_mean: each rank's loss weighted by its share of the all-reduced token count
+        run = step_config(cfg, parallel=parallel, loss={"reduction": "token_mean"},
+                          output_dir=os.path.join(out_dir, f"{parallel}-token_mean"))
+        results[f"{parallel}-token_mean"] = one_step(FixedRolloutTrainer(run, log=_silent))
     # fp16 under FSDP2: an overflow in one rank's gradient shard skips the step on every rank.
     fp16 = FixedRolloutTrainer(step_config(cfg, parallel="fsdp", dtype="float16", output_dir=os.path.join(out_dir, "fp16")),
                                log=_silent)

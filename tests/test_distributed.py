@@ -1,7 +1,8 @@
 """``dopd train`` on 2 CPU processes under torchrun (gloo), against 1 process on the union of their work.
 
 - one optimizer step with fixed rollouts: gradients (clipped), parameters, loss and metrics on 2 ranks equal
-  1 rank on the union of the rollouts, for ddp and fsdp, with a frozen and a live self;
+  1 rank on the union of the rollouts, for ddp and fsdp, with a frozen and a live self, seq_mean and token_mean;
+- fp16 under FSDP2: an overflow in one rank's gradient shard skips the step on every rank;
 - routes with global statistics equal the 1-rank routes on the union; with --local-routing-stats, each
   rank's equal 1-rank routes on its share;
 - a non-finite loss on one rank stops every rank before the step, naming the rank;
@@ -70,31 +71,33 @@ def two_ranks(tiny):
 
 @pytest.fixture(scope="module")
 def one_rank(tiny):
-    """One process on the union of the two ranks' prompts and rollouts, for each self model."""
+    """One process on the union of the two ranks' prompts and rollouts, for each variant (self model or reduction)."""
     root, cfg = tiny
     results = {}
-    for self_model in ("frozen", "live"):
-        trainer = FixedRolloutTrainer(step_config(cfg, self_model=self_model, output_dir=str(root / f"one-{self_model}")),
+    for variant in ("frozen", "live", "token_mean"):
+        extra = {"loss": {"reduction": "token_mean"}} if variant == "token_mean" else {"self_model": variant}
+        trainer = FixedRolloutTrainer(step_config(cfg, **extra, output_dir=str(root / f"one-{variant}")),
                                       log=lambda s: None)
         trainer.setup()
-        if self_model == "frozen":  # before the step: each rank's share routed on its own statistics
+        if variant == "frozen":  # before the step: each rank's share routed on its own statistics
             idx = batch_indices(0, len(trainer.records), trainer.config.prompts_per_step, trainer.config.seed)
             with torch.no_grad():
                 results["local"] = [trainer.micro_batch([trainer.records[i] for i in idx[r * 2: r * 2 + 2]])[0].route
                                     for r in (0, 1)]
+        start = full_grads_and_params(trainer)[1]
         seen = {}
         trainer.optimizer.register_step_pre_hook(lambda *_: seen.update(grads=full_grads_and_params(trainer)[0]))
         row = trainer.train_step()
         out = trainer.outputs[-1]
-        results[self_model] = {"row": row, "grads": seen["grads"], "params": full_grads_and_params(trainer)[1],
-                               "route": out.route, "thresholds": out.thresholds, "trainer": trainer}
+        results[variant] = {"row": row, "grads": seen["grads"], "params": full_grads_and_params(trainer)[1],
+                            "route": out.route, "thresholds": out.thresholds, "trainer": trainer, "start": start}
     return results
 
 
-@pytest.mark.parametrize("self_model", ["frozen", "live"])
+@pytest.mark.parametrize("variant", ["frozen", "live", "token_mean"])  # self model, or the token_mean reduction
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_rank_step_equals_one_rank_step_on_the_union(two_ranks, one_rank, parallel, self_model):
-    ref, got = one_rank[self_model], two_ranks[0][f"{parallel}-{self_model}"]
+def test_two_rank_step_equals_one_rank_step_on_the_union(two_ranks, one_rank, parallel, variant):
+    ref, got = one_rank[variant], two_ranks[0][f"{parallel}-{variant}"]
     assert got["grads"].keys() == ref["grads"].keys() == got["params"].keys()
     # The gradients the optimizer saw (after global clipping): a wrong normalization would be off by a factor.
     for name, g in ref["grads"].items():
@@ -104,6 +107,8 @@ def test_two_rank_step_equals_one_rank_step_on_the_union(two_ranks, one_rank, pa
         assert err <= 1e-5 * scale, (name, err, scale)
     for name, p in ref["params"].items():
         torch.testing.assert_close(got["params"][name], p, rtol=0, atol=1e-6, msg=name)
+    start = ref["start"]
+    assert max(float((p - start[n]).abs().max()) for n, p in ref["params"].items()) > 2e-5  # the step moved them
     assert ref["row"]["grad_norm"] > 0.01  # clipping (max_grad_norm 0.01) was active: the global norm clipped
     for key in ("loss", "grad_norm", "n_tokens", "frac/HT", "frac/HS", "frac/LH", "frac/LL", "loss/HT",
                 "student_entropy", "response_len", "adv_gap_mean"):
