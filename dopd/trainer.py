@@ -37,7 +37,7 @@ from dopd.metrics import MetricsLogger
 from dopd.modeling import load_causal_lm, maybe_apply_liger
 from dopd.parallel import clip_grad_norm, grad_scaler, no_sync, shard_frozen, wrap_student
 from dopd.passes import build_pass_batch, output_projection, response_hidden, verify_logit_transform
-from dopd.preflight import check_run, route_config  # noqa: F401  (route_config: re-exported)
+from dopd.preflight import check_flags, check_run, route_config  # noqa: F401  (route_config: re-exported)
 from dopd.rollout import Rollout
 from dopd.step_metrics import global_metrics, rank_loss_weight
 
@@ -89,8 +89,9 @@ class Trainer:
         schedule; wrap for the ranks; resume. Nothing is written to the output directory before the models loaded."""
         cfg, ctx = self.config, self.dist
         check_world(cfg, ctx)
-        # data, loss options, device (this rank's), model configs, logit transforms, tokenizers
-        plan = check_run(dataclasses.replace(cfg, device=rank_device(cfg.device, ctx.local_rank if ctx.enabled else None)))
+        # data, loss options, device (this rank's), model configs, logit transforms, tokenizers; rank 0 warns
+        mine = dataclasses.replace(cfg, device=rank_device(cfg.device, ctx.local_rank if ctx.enabled else None))
+        plan = check_run(mine, check_flags(mine, warn=ctx.is_main))
         self.records, self.eval_records, self.tokenizer = plan.records, plan.eval_records, plan.tokenizer
         self.loss_config, self.device, self.precision = plan.loss_config, plan.device, plan.precision
         if ctx.enabled and not cfg.local_routing_stats:  # the paper's batch statistics: over the global batch
