@@ -122,7 +122,8 @@ def routed_loss(
     )
     args = (student_hidden, student_weight, teacher_hidden, teacher_weight, self_hidden, target_ids, valid)
     chosen = _resolve_backend(backend, student_hidden.device, config, student_hidden.dtype,
-                              CallShape.of(student_hidden, student_weight, student_bias, teacher_bias))
+                              CallShape.of(student_hidden, student_weight, student_bias, teacher_bias,
+                                           (s_tf, kwargs["teacher_transform"], kwargs["self_transform"])))
     if vocab_group is not None:
         # (Both compute backends run the same collectives, so ranks whose "auto" self-checks disagreed
         # would still stay in step.)

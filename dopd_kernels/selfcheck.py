@@ -6,12 +6,14 @@ runs a small problem through both paths and compares loss, per-token values, rou
 mismatch, or if the kernels fail to compile or launch, it warns once (naming the device and the torch /
 Triton versions) and ``backend="auto"`` uses the PyTorch path on that device for the rest of the process.
 ``DOPD_TRITON_SELFCHECK=0`` skips the check (``backend="triton"`` never runs it).
-The problem mirrors the call (its config, dtype, biases, which tensors want gradients) at 2 x 64 tokens,
-V = 33792, H = 64 / 96, sizes that give the kernels the specializations of real shapes (multiples of 16,
-several vocabulary splits, full-size top-K lists), so the variants it compiles are the ones the call
-compiles anyway (checked with the sm_90 launch recorder of tests/_triton_launches.py for dopd and
-vanilla_opd_sampled against N = 16384, V = 151936): it adds a small problem's run time, no compile time. Inside a CUDA graph capture it cannot run (it
-compares on the host): it is skipped there, which is one more reason for the warm-up call before a capture.
+The problem mirrors the call (its config, dtype, biases, which tensors want gradients, the three models'
+logit transforms: a soft-cap compiles kernel variants of its own) at 2 x 64 tokens, V = 33792,
+H = 64 / 96, sizes that give the kernels the specializations of real shapes (multiples of 16, several
+vocabulary splits, full-size top-K lists), so the variants it compiles are the ones the call compiles
+anyway (checked with the sm_90 launch recorder of tests/_triton_launches.py for dopd and
+vanilla_opd_sampled against N = 16384, V = 151936): it adds a small problem's run time, no compile time.
+Inside a CUDA graph capture it cannot run (it compares on the host): it is skipped there, which is one
+more reason for the warm-up call before a capture.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .config import RouteConfig
+from .transform import IDENTITY, LogitTransform
 
 ENV_VAR = "DOPD_TRITON_SELFCHECK"
 #: (device type, index) -> the kernels agreed (True) or not (False).
@@ -39,14 +42,18 @@ class CallShape(NamedTuple):
     grad_hidden: bool = True
     grad_weight: bool = True
     grad_bias: bool = True
+    #: (student, teacher, self) logit transforms of the call.
+    transforms: tuple[LogitTransform, LogitTransform, LogitTransform] = (IDENTITY, IDENTITY, IDENTITY)
 
     @classmethod
-    def of(cls, student_hidden, student_weight, student_bias, teacher_bias) -> "CallShape":
-        """The call's biases and the tensors that want gradients (none under torch.no_grad)."""
+    def of(cls, student_hidden, student_weight, student_bias, teacher_bias,
+           transforms: tuple[LogitTransform, LogitTransform, LogitTransform] = (IDENTITY, IDENTITY, IDENTITY),
+           ) -> "CallShape":
+        """The call's biases, the tensors that want gradients (none under torch.no_grad) and its transforms."""
         grad = torch.is_grad_enabled()
         return cls(student_bias is not None, teacher_bias is not None, grad and student_hidden.requires_grad,
                    grad and student_weight.requires_grad,
-                   grad and student_bias is not None and student_bias.requires_grad)
+                   grad and student_bias is not None and student_bias.requires_grad, tuple(transforms))
 
 
 def triton_agrees(device: torch.device, config: RouteConfig, dtype: torch.dtype,
@@ -124,9 +131,11 @@ def _run(fn, inputs, config, call):
     wants = (call.grad_hidden, call.grad_weight, call.grad_bias)
     leaves = [None if inputs[k] is None else inputs[k].detach().clone().requires_grad_(want)
               for k, want in zip(("student_hidden", "student_weight", "student_bias"), wants)]
+    tf_s, tf_t, tf_p = call.transforms
     out = fn(leaves[0], leaves[1], inputs["teacher_hidden"], inputs["teacher_weight"], inputs["self_hidden"],
              inputs["target_ids"], inputs["valid"].reshape(inputs["target_ids"].shape), student_bias=leaves[2],
-             teacher_bias=inputs["teacher_bias"], hard_labels=inputs["hard_labels"], config=config)
+             teacher_bias=inputs["teacher_bias"], hard_labels=inputs["hard_labels"], config=config,
+             student_transform=tf_s, teacher_transform=tf_t, self_transform=tf_p)
     if any(wants):
         out.loss.backward()
     return dict(loss=out.loss.detach(), per_token=out.per_token_loss.detach().float(), route=out.route,

@@ -1,25 +1,31 @@
 """The Triton path's real launch set, compiled for Hopper (sm_90) without a GPU.
 
-Run as a script (``python tests/_triton_launches.py OUT.json``) with ``TRITON_INTERPRET`` unset: it runs
-``routed_loss(backend="triton")`` on CPU tensors over the scenarios below (every preset, CE on and off,
-custom route tables, bf16 / fp16 / fp32, biases, the two-pass statistics mode, with and without
-gradients, a ragged shape, a long batch, an odd chunk size) with the GPU tile sizes (``blocks.GPU_BLOCKS``
-stands in for the interpreter tiles). Each kernel launch is not executed but handed to Triton's own
-launcher in warm-up mode against a stand-in driver whose target is sm_90: Triton binds the arguments
+Run as a script (``python tests/_triton_launches.py OUT.json [WORKERS]``) with ``TRITON_INTERPRET`` unset:
+it runs ``routed_loss(backend="triton")`` on CPU tensors over the scenarios below (every preset, CE on and
+off, custom route tables, bf16 / fp16 / fp32, biases, the two-pass statistics mode, with and without
+gradients, a ragged shape, a long batch, an odd chunk size; and soft-capped models, whose kernels are
+variants of their own) with the GPU tile sizes (``blocks.GPU_BLOCKS`` stands in for the interpreter
+tiles). Each kernel launch is not executed but handed to Triton's own launcher in warm-up mode against a
+stand-in driver whose target is sm_90: Triton binds the arguments
 exactly as for a real launch (16-divisibility of pointers and ints, strides equal to 1 as constants),
-compiles each specialization once (its in-memory and on-disk caches dedupe the rest) and returns it.
+compiles each specialization once (its in-memory and on-disk caches dedupe the rest) and returns it;
+with WORKERS > 1 (default 2) the compiles run in that many threads (Triton's AsyncCompileMode) while the
+scenarios go on recording, the same variants as serially.
 The launches' outputs stay uninitialized, which changes nothing: which kernels launch never depends on
 data (the path has no host sync). Writes one JSON record per unique compiled variant: kernel, constexprs,
-signature, shared memory, whether the PTX uses wgmma, the 64-bit offset check, the compile time.
+signature, shared memory, whether the PTX uses wgmma, its count of ex2 (MUFU exp2) instructions, the
+64-bit offset check, the compile time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import re
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import triton
@@ -105,12 +111,18 @@ CUSTOM_TABLES = {
 
 
 def scenarios():
-    """(name, config, dtype, grad, bias, impl, shape) for the sweep."""
+    """(name, config, dtype, grad, bias, impl, shape, transforms) for the sweep."""
+    for scenario in _identity_scenarios():
+        yield scenario + ({},)
+    yield from _softcap_scenarios()
+
+
+def _identity_scenarios():
     from dopd_kernels import PRESETS, RouteConfig
 
     tables = {p: (lambda p=p, **kw: RouteConfig.preset(p, **kw)) for p in PRESETS}
     tables |= {k: (lambda v=v, **kw: RouteConfig(routes=v, **kw)) for k, v in CUSTOM_TABLES.items()}
-    aligned = dict(n_tokens=96, hs=64, ht=96, vocab=1024, pad=64, chunk=256)
+    aligned = ALIGNED
     for name, make in tables.items():
         for ce in (0.0, 0.1):
             for dtype in (torch.bfloat16, torch.float16, torch.float32):
@@ -136,67 +148,146 @@ def scenarios():
         yield "vanilla_opd chunks=3", tables["vanilla_opd"](), dtype, "all", True, "fused", several
 
 
-def main(out_path: str) -> None:
+ALIGNED = dict(n_tokens=96, hs=64, ht=96, vocab=1024, pad=64, chunk=256)
+
+
+def _softcap_scenarios():
+    """The soft-capped variants (constexpr SOFTCAP; a multiplier alone changes no variant): in every dtype, with
+    and without biases, the tables that reach every kernel and rows-kernel branch a soft-cap touches: dopd with
+    CE (statistics with top-K, top-K gather, rows kernel with a teacher source), vanilla_opd_sampled (no
+    source buffer, statistics without top-K), the mixed table (teacher and self sources, every divergence);
+    and the two-pass statistics mode (the cap in the logit GEMM's epilogue). Gradients on: the rows kernel
+    without them has no soft-cap code and compiles its identity variant. Gemma-2's cap, Cohere-like scales."""
+    from dopd_kernels import LogitTransform, RouteConfig
+
+    gemma = dict(student_transform=LogitTransform(softcap=30.0),
+                 teacher_transform=LogitTransform(scale=0.5, softcap=30.0))
+    tables = {"dopd ce=0.1": RouteConfig.preset("dopd", ce_weight=0.1),
+              "vanilla_opd_sampled": RouteConfig.preset("vanilla_opd_sampled"),
+              "mix": RouteConfig(routes=CUSTOM_TABLES["mix"])}
+    for name, config in tables.items():
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            for bias in (False, True):
+                if name == "mix" and not bias:
+                    continue  # its bias-free statistics / GEMM variants are the other two tables'
+                yield f"{name} softcap", config, dtype, "all", bias, "fused", ALIGNED, gemma
+    yield "dopd softcap two-pass", RouteConfig.preset("dopd"), torch.bfloat16, "all", True, "two_pass", ALIGNED, gemma
+
+
+class _TimedExecutor(ThreadPoolExecutor):
+    """Compile threads that time each compile and name the kernel and scenario of a failure."""
+
+    def __init__(self, workers: int, where: list):
+        super().__init__(max_workers=workers)
+        self.where = where  # [scenario, kernel] of the launch being recorded (submit runs inside it)
+        self.seconds: dict[int, float] = {}
+        self.errors: list[str] = []
+
+    def submit(self, fn, /, *args, **kwargs):
+        scenario, kernel = self.where
+
+        def timed():
+            t0 = time.perf_counter()
+            try:
+                out = fn(*args, **kwargs)
+            except Exception as exc:
+                self.errors.append(f"{kernel} failed to compile for sm_90 in scenario {scenario!r}: {exc}")
+                raise
+            self.seconds[id(out)] = round(time.perf_counter() - t0, 2)
+            return out
+
+        return super().submit(timed)
+
+
+def _record(name: str, scenario: str, kwargs: dict, arg_names: list, kernel, seconds: float) -> dict:
+    ptx = kernel.asm["ptx"]
+    return dict(
+        kernel=name, scenario=scenario,
+        constexprs={k: str(v) for k, v in kwargs.items() if k in arg_names},
+        signature={k: v for k, v in kernel.src.signature.items() if v != "constexpr"} if hasattr(kernel, "src") else {},
+        shared=int(kernel.metadata.shared), wgmma="wgmma.mma_async" in ptx, cubin="cubin" in kernel.asm,
+        ex2=ptx.count("ex2.approx"),  # MUFU exp2: the log-sum-exp's, and the soft-cap's tanh
+        offsets_not_64_bit=offsets_are_64_bit(kernel.asm["ttir"], arg_names),
+        barrier_before_last_loop=barrier_before_last_loop(kernel.asm["ttir"]),
+        seconds=seconds,
+    )
+
+
+def main(out_path: str, workers: int = 2) -> None:
+    """Record and compile the launch set. ``workers`` > 1: compiles run in that many threads through Triton's
+    AsyncCompileMode (its MLIR passes, LLVM and ptxas release the GIL) while the scenarios keep launching;
+    the variants and the checks are the same as with 1 (serial)."""
     import dopd_kernels.triton  # noqa: F401  (registers the kernels)
     from dopd_kernels import routed_loss
     from dopd_kernels.triton import blocks
 
+    try:
+        from triton.runtime._async_compile import AsyncCompileMode
+    except ImportError:  # a Triton without it: compile serially
+        workers = 1
     driver.set_active(Sm90Driver())
-    compiled: dict[int, dict] = {}
-    scenario = [""]
+    pending: dict[int, tuple] = {}  # id(kernel or future) -> (kernel or future, name, scenario, kwargs, arg names)
+    serial_seconds: dict[int, float] = {}
+    where = ["", ""]
+    executor = _TimedExecutor(workers, where) if workers > 1 else None
 
     def getitem(self, grid):
         def launch(*args, **kwargs):
-            before = len(self.device_caches[0][0]) if 0 in self.device_caches else 0
+            where[1] = self.fn.__name__
             t0 = time.perf_counter()
             try:
                 kernel = self.run(*args, grid=grid, warmup=True, **kwargs)
             except Exception as exc:
                 raise RuntimeError(f"{self.fn.__name__} failed to compile for sm_90 in scenario "
-                                   f"{scenario[0]!r}: {exc}") from exc
-            if id(kernel) not in compiled:
-                new = len(self.device_caches[0][0]) > before
-                compiled[id(kernel)] = dict(
-                    kernel=self.fn.__name__, scenario=scenario[0],
-                    constexprs={k: str(v) for k, v in kwargs.items() if k in self.arg_names},
-                    signature={k: v for k, v in kernel.src.signature.items() if v != "constexpr"}
-                    if hasattr(kernel, "src") else {},
-                    shared=int(kernel.metadata.shared), wgmma="wgmma.mma_async" in kernel.asm["ptx"],
-                    cubin="cubin" in kernel.asm,
-                    offsets_not_64_bit=offsets_are_64_bit(kernel.asm["ttir"], self.arg_names),
-                    barrier_before_last_loop=barrier_before_last_loop(kernel.asm["ttir"]),
-                    seconds=round(time.perf_counter() - t0, 2) if new else 0.0,
-                )
+                                   f"{where[0]!r}: {exc}") from exc
+            if id(kernel) not in pending:
+                pending[id(kernel)] = (kernel, self.fn.__name__, where[0], kwargs, self.arg_names)
+                serial_seconds[id(kernel)] = round(time.perf_counter() - t0, 2)
             return kernel
         return launch
 
     JITFunction.__getitem__ = getitem
     start = time.perf_counter()
     runs = 0
-    for name, config, dtype, grad, bias, impl, shape in scenarios():
-        scenario[0] = f"{name} {str(dtype).split('.')[-1]} grad={grad} bias={bias} {impl} V={shape['vocab']}"
-        gpu = dataclasses.replace(blocks.GPU_BLOCKS, stats_impl=impl)
-        blocks.INTERPRETER_BLOCKS = gpu  # CPU tensors, GPU tiles and GPU decisions (blocks.gpu)
-        t, target, mask = _inputs(dtype, shape["n_tokens"], shape["hs"], shape["ht"], shape["vocab"], shape["pad"],
-                                  bias)
-        if grad != "none":
-            t["student_hidden"].requires_grad_()
-            t["student_weight"].requires_grad_(grad == "all")
-            if bias:
-                t["student_bias"].requires_grad_(grad == "all")
-        labels = torch.where(mask, target, 0) if config.ce_weight > 0 else None
-        config = config.replace(chunk_size=shape["chunk"])
-        with torch.set_grad_enabled(grad != "none"):
-            out = routed_loss(t.pop("student_hidden"), t.pop("student_weight"), t.pop("teacher_hidden"),
-                              t.pop("teacher_weight"), t.pop("self_hidden"), target, mask, hard_labels=labels,
-                              config=config, backend="triton", **t)
-            out.student_logprob  # the lazy student statistics pass (metrics)
-        runs += 1
-    summary = dict(runs=runs, seconds=round(time.perf_counter() - start, 1), variants=list(compiled.values()),
-                   triton=triton.__version__, shared_limit=SM90_SHARED_LIMIT)
+    with contextlib.ExitStack() as stack:
+        if executor is not None:
+            stack.enter_context(executor)
+            stack.enter_context(AsyncCompileMode(executor, ignore_errors=True))
+        for name, config, dtype, grad, bias, impl, shape, transforms in scenarios():
+            where[0] = (f"{name} {str(dtype).split('.')[-1]} grad={grad} bias={bias} {impl} V={shape['vocab']}"
+                        + (" softcap" if transforms else ""))
+            gpu = dataclasses.replace(blocks.GPU_BLOCKS, stats_impl=impl)
+            blocks.INTERPRETER_BLOCKS = gpu  # CPU tensors, GPU tiles and GPU decisions (blocks.gpu)
+            t, target, mask = _inputs(dtype, shape["n_tokens"], shape["hs"], shape["ht"], shape["vocab"],
+                                      shape["pad"], bias)
+            if grad != "none":
+                t["student_hidden"].requires_grad_()
+                t["student_weight"].requires_grad_(grad == "all")
+                if bias:
+                    t["student_bias"].requires_grad_(grad == "all")
+            labels = torch.where(mask, target, 0) if config.ce_weight > 0 else None
+            config = config.replace(chunk_size=shape["chunk"])
+            with torch.set_grad_enabled(grad != "none"):
+                out = routed_loss(t.pop("student_hidden"), t.pop("student_weight"), t.pop("teacher_hidden"),
+                                  t.pop("teacher_weight"), t.pop("self_hidden"), target, mask, hard_labels=labels,
+                                  config=config, backend="triton", **t, **transforms)
+                out.student_logprob  # the lazy student statistics pass (metrics)
+            runs += 1
+    if executor is not None and executor.errors:
+        raise RuntimeError("; ".join(executor.errors))
+    variants = []
+    for key, (kernel, name, scenario, kwargs, arg_names) in pending.items():
+        if executor is not None:
+            kernel = kernel.result() if hasattr(kernel, "future") else kernel
+            seconds = executor.seconds.get(id(kernel), 0.0)
+        else:
+            seconds = serial_seconds[key]
+        variants.append(_record(name, scenario, kwargs, arg_names, kernel, seconds))
+    summary = dict(runs=runs, seconds=round(time.perf_counter() - start, 1), variants=variants,
+                   triton=triton.__version__, shared_limit=SM90_SHARED_LIMIT, workers=workers)
     with open(out_path, "w") as f:
         json.dump(summary, f, indent=1)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 2)

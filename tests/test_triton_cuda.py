@@ -3,9 +3,9 @@
 Shape: N = 4 x 300 tokens, Hs = 192, Ht = 320, V = 5003 (not a multiple of any tile), Vt = V + 61,
 fp32, bf16 and fp16, every preset, the CE term on the sampled / top-K presets. Exercises the GPU tile
 sizes, the vocabulary splits of the statistics kernel, several full-support chunks and the device-side
-row counts; then the self-check of backend="auto", tensors on a non-current GPU (>= 2 GPUs), a CUDA graph
-capture after a warm-up (replayed after the route-table cache was churned) and fp16 gradients that only
-an fp32 hold survives.
+row counts; soft-capped models (backend="triton" and "auto"); then the self-check of backend="auto",
+tensors on a non-current GPU (>= 2 GPUs), a CUDA graph capture after a warm-up (replayed after the
+route-table cache was churned) and fp16 gradients that only an fp32 hold survives.
 """
 
 import pytest
@@ -14,7 +14,7 @@ import torch
 pytest.importorskip("triton")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-from dopd_kernels import PRESETS, RouteConfig, routed_loss  # noqa: E402
+from dopd_kernels import PRESETS, LogitTransform, RouteConfig, routed_loss  # noqa: E402
 
 
 def _inputs(dtype):
@@ -33,12 +33,12 @@ def _inputs(dtype):
     return t, target, mask
 
 
-def _run(backend, t, target, mask, config):
+def _run(backend, t, target, mask, config, **transforms):
     sh = t["student_hidden"].clone().requires_grad_()
     sw = t["student_weight"].clone().requires_grad_()
     labels = torch.where(mask, target, 0) if config.ce_weight > 0 else None
     out = routed_loss(sh, sw, t["teacher_hidden"], t["teacher_weight"], t["self_hidden"], target, mask,
-                      hard_labels=labels, config=config, backend=backend)
+                      hard_labels=labels, config=config, backend=backend, **transforms)
     out.loss.backward()
     return out, sh.grad.float(), sw.grad.float()
 
@@ -108,6 +108,50 @@ def test_stats_topk_ties_and_settled_rows_repeat_on_cuda():
     for _ in range(20):
         st = fused_linear_stats(hidden, weight, None, y, vocab=v, inv_tau=1.0, top_k=k, n_splits=1)
         assert torch.equal(st.topk_idx, expect)
+
+
+#: Gemma-2-like soft-caps the logits reach (|logit| up to ~10 here), a Cohere-like multiplier on the teacher.
+SOFTCAPS = dict(student_transform=LogitTransform(scale=1.3, softcap=4.0),
+                teacher_transform=LogitTransform(scale=0.7, softcap=5.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("preset,ce", [("dopd", 0.1), ("vanilla_opd", 0.0), ("vanilla_opd_sampled", 0.1)])
+def test_softcap_matches_torch_on_cuda(preset, ce, dtype):
+    """The soft-capped kernel variants (statistics, logit GEMMs, rows kernel, gather) against the torch path."""
+    t, target, mask = _inputs(dtype)
+    config = RouteConfig.preset(preset, chunk_size=512, ce_weight=ce)
+    ref, ref_dh, ref_dw = _run("torch", t, target, mask, config, **SOFTCAPS)
+    tri, tri_dh, tri_dw = _run("triton", t, target, mask, config, **SOFTCAPS)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    agree = (tri.route == ref.route).float().mean().item()
+    assert agree > (0.999 if dtype == torch.float32 else 0.98)
+    if agree == 1.0:
+        assert _rel(tri.loss, ref.loss) < tol
+        assert _rel(tri.per_token_loss, ref.per_token_loss) < tol
+        assert _rel(tri_dh, ref_dh) < tol and _rel(tri_dw, ref_dw) < tol
+    assert _rel(tri.student_logprob, ref.student_logprob) < tol
+    assert torch.isfinite(tri.loss)
+
+
+def test_auto_with_softcaps_uses_triton_on_cuda(monkeypatch):
+    """backend="auto" with transforms: its self-check (run with the call's transforms) passes, so the call runs
+    the Triton path, which agrees with the torch path."""
+    import warnings
+
+    from dopd_kernels import selfcheck
+
+    monkeypatch.setattr(selfcheck, "_results", {})
+    monkeypatch.delenv(selfcheck.ENV_VAR, raising=False)
+    t, target, mask = _inputs(torch.bfloat16)
+    config = RouteConfig.preset("dopd", chunk_size=512)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        auto = _run("auto", t, target, mask, config, **SOFTCAPS)
+    device = torch.device("cuda", torch.cuda.current_device())
+    assert selfcheck._results == {(device.type, device.index): True}
+    tri = _run("triton", t, target, mask, config, **SOFTCAPS)
+    assert torch.equal(auto[0].route, tri[0].route) and _rel(auto[0].loss, tri[0].loss) < 1e-6
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

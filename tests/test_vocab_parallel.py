@@ -107,6 +107,9 @@ def test_triton_interpreter(sizes):
     presets = PRESETS if len(sizes) == 2 else ("dopd", "gkd", "vanilla_opd_sampled")
     cases = [dict(small, preset=p, config=dict(top_k=20, ce_weight=0.3)) for p in presets]
     cases.append(dict(small, preset="dopd", config=dict(top_k=20), reduce_hidden_grad=False))
+    if len(sizes) == 2:  # logit transforms in the kernels' epilogues, per shard
+        cases.append(dict(small, preset="dopd", config=dict(top_k=20, ce_weight=0.3), transforms=SOFTCAP))
+        cases.append(dict(small, preset="gkd", config=dict(top_k=20), transforms=SOFTCAP))
     _check(run_ranks(equivalence_worker, len(sizes), sizes, cases, timeout=420), cases, TRITON_TOL, sizes)
 
 
@@ -124,8 +127,7 @@ def test_grid_of_two_data_parallel_by_two_vocabulary_parallel_ranks():
 
 def test_bad_inputs_raise_on_every_rank():
     cases = ["teacher_shard_short", "id_beyond_vocab", "hard_label_beyond_vocab", "student_hidden_differs",
-             "self_hidden_differs", "teacher_hidden_differs", "target_ids_differ", "bias_nan", "bias_missing",
-             "triton_transform"]
+             "self_hidden_differs", "teacher_hidden_differs", "target_ids_differ", "bias_nan", "bias_missing"]
     results = run_ranks(bad_input_worker, 2, [15, 22], cases, timeout=240)
     expected = {  # case -> (rank 0's message, rank 1's message), substrings
         "teacher_shard_short": ("rank(s) [1]", "teacher_weight"),
@@ -137,14 +139,12 @@ def test_bad_inputs_raise_on_every_rank():
         "target_ids_differ": ("target_ids differs",) * 2,
         "bias_nan": ("rank(s) [1]", "student_bias has NaN"),
         "bias_missing": ("teacher_bias must be given on every rank",) * 2,
-        "triton_transform": ("NotImplementedError",) * 2,
     }
     for i, case in enumerate(cases):
         for rank in range(2):
             message = results[rank][i]
             assert message is not None and expected[case][rank] in message, (case, rank, message)
-            if case != "triton_transform":
-                assert message.startswith("ValueError"), message
+            assert message.startswith("ValueError"), message
     assert results[0][-1] == results[1][-1]  # a valid call afterwards: the ranks are still in step
 
 

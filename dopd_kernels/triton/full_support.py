@@ -7,10 +7,12 @@ kernels where they end, so chunks past it launch but do no work (no host sync): 
 before reading or writing anything, the fp32 d W accumulator included.
 
 Per chunk of C rows (``matmul.py`` for the three GEMM-shaped steps, ``_rows_kernel`` for the rest):
-    z_s = (h_s W_s^T + b_s)/tau, z_src likewise (C x V fp32 scratch, reused: O(C x V), never N x V);
+    z_s = T_s(h_s W_s^T + b_s)/tau, z_src likewise (C x V fp32 scratch, reused: O(C x V), never N x V; each
+        model's transform T in the GEMM's epilogue, ``softcap.py``);
     _rows_kernel, one program per row, three sweeps over the row: student lse (online); the divergence
         value from the saved source lse; the logit gradient written in place over z_s (after a barrier:
-        the row's scalar reads of z_s[y] and z_s[yh] come first in every warp);
+        the row's scalar reads of z_s[y] and z_s[yh] come first in every warp), chained through T_s there
+        (scale / tau, and the soft-cap's slope 1 - tanh^2 read off z_s itself), so dz is w.r.t. h W^T + b;
     d h_s[rows] = dz @ W_s ; d W_s += dz^T h_s ; d b_s += sum(dz)       (fp32 accumulators; the GEMM
         operands are bf16 for bf16 models, fp16 with a per-chunk power-of-two scale for fp16 models).
 Why materialize a C x V chunk instead of recomputing logit tiles in the gradient pass: the gradient of
@@ -34,8 +36,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ..transform import IDENTITY, LogitTransform
 from .blocks import Blocks
 from .matmul import matmul_into
+from .softcap import kernel_transform, softcap_slope
 
 #: Per-row kind codes of _rows_kernel (route table -> code via RowPlan.kind_table).
 KIND_NONE, KIND_RKL, KIND_FKL, KIND_JSD, KIND_SAMPLED = 0, 1, 2, 3, 4
@@ -45,8 +49,9 @@ KIND_CODES = {"rkl": KIND_RKL, "fkl": KIND_FKL, "jsd": KIND_JSD}
 @triton.jit
 def _rows_kernel(zs_ptr, zt_ptr, zp_ptr, stride_z, count_ptr, row0, rows_ptr,
                  y_ptr, yh_ptr, kind_ptr, rw_ptr, use_t_ptr, lse_t_ptr, lse_p_ptr, lsrc_ptr, red_ptr,
-                 loss_ptr, slp_ptr, amax_ptr, vocab, inv_tau, beta, log_beta, log_1m_beta, ce_weight,
-                 HAS_T: tl.constexpr, HAS_P: tl.constexpr, HAS_RKL: tl.constexpr, HAS_FKL: tl.constexpr,
+                 loss_ptr, slp_ptr, amax_ptr, vocab, grad_scale, inv_post, beta, log_beta, log_1m_beta, ce_weight,
+                 SOFTCAP: tl.constexpr, HAS_T: tl.constexpr, HAS_P: tl.constexpr, HAS_RKL: tl.constexpr,
+                 HAS_FKL: tl.constexpr,
                  HAS_JSD: tl.constexpr, HAS_SAMPLED: tl.constexpr, HAS_CE: tl.constexpr,
                  WANT_GRAD: tl.constexpr, GRAD_AMAX: tl.constexpr, BLOCK_V: tl.constexpr):
     r = tl.program_id(0)
@@ -119,17 +124,19 @@ def _rows_kernel(zs_ptr, zt_ptr, zp_ptr, stride_z, count_ptr, row0, rows_ptr,
             loss -= ce_weight * (tl.load(zs_row + yh) - lse_s)
         tl.store(loss_ptr + tok, tl.load(loss_ptr + tok) + loss)
         tl.store(slp_ptr + tok, ls_y)
-        # Sweep 3: dz = red_w / tau * (rw * dD/dz + ce * (s - onehot(yh))), written over z_s.
+        # Sweep 3: dz = red_w * scale / tau * (rw * dD/dz + ce * (s - onehot(yh))) [* the soft-cap's slope],
+        # the gradient w.r.t. the raw logits h W^T + b (grad_scale = scale / tau), written over z_s.
         if WANT_GRAD:
             # The scalar reads of z_s[y] and z_s[yh] above must be done by every warp before any warp
             # overwrites its columns below (the sweeps' reductions do not order them on a sampled row).
             tl.debug_barrier()
-            scale = tl.load(red_ptr + tok) * inv_tau
+            scale = tl.load(red_ptr + tok) * grad_scale
             g_max = tl.zeros([BLOCK_V], dtype=tl.float32)
             for v0 in range(0, vocab, BLOCK_V):
                 cols = v0 + tl.arange(0, BLOCK_V)
                 ok = cols < vocab
-                ls = tl.load(zs_row + cols, mask=ok, other=float("-inf")) - lse_s
+                z = tl.load(zs_row + cols, mask=ok, other=float("-inf"))
+                ls = z - lse_s
                 s = tl.exp(ls)
                 g = tl.zeros([BLOCK_V], dtype=tl.float32)
                 if HAS_RKL or HAS_FKL or HAS_JSD:
@@ -148,6 +155,8 @@ def _rows_kernel(zs_ptr, zt_ptr, zp_ptr, stride_z, count_ptr, row0, rows_ptr,
                 if HAS_CE:
                     g += ce_weight * (s - tl.where(cols == yh, 1.0, 0.0))
                 g = g * scale
+                if SOFTCAP:  # d cap tanh(x) / dx = 1 - tanh^2, tanh = z / post (softcap.py); 0 at -inf
+                    g = g * softcap_slope(z, inv_post)
                 if GRAD_AMAX:
                     g_max = tl.maximum(g_max, tl.where(ok, tl.abs(g), 0.0))
                 tl.store(zs_row + cols, g, mask=ok)
@@ -203,11 +212,13 @@ def _log_mixture(ls, lt, log_beta, log_1m_beta):
 
 @dataclass
 class Model:
-    """One model's rows for the chunks: hidden (N, H) and projection weight (>= V, H), bias or None."""
+    """One model's rows for the chunks: hidden (N, H) and projection weight (>= V, H), bias or None, and the
+    post-processing of its logits."""
 
     hidden: torch.Tensor
     weight: torch.Tensor
     bias: Optional[torch.Tensor]
+    transform: LogitTransform = IDENTITY
 
 
 def student_full_rows(*, order: torch.Tensor, count: torch.Tensor, student: Model, teacher: Optional[Model],
@@ -238,24 +249,28 @@ def student_full_rows(*, order: torch.Tensor, count: torch.Tensor, student: Mode
     # scale dz by a power of two from it before the fp16 conversion (matmul.py).
     amax = torch.zeros(triton.cdiv(n, c_max), 4, dtype=torch.float32, device=device) \
         if half == torch.float16 and want_grad else None
+    tf_s = kernel_transform(student.transform, inv_tau)
     for i, start in enumerate(range(0, n, c_max)):
         rows = order[start:start + c_max]
         c = rows.numel()
         chunk_amax = None if amax is None else amax[i, :1]
         h_c = student.hidden.index_select(0, rows)
         matmul_into(zs[:c], h_c, w_s.T, blocks=blocks, count=count, row0=start, limit="m",
-                    bias=None if student.bias is None else student.bias[:vocab], scale=inv_tau)
+                    bias=None if student.bias is None else student.bias[:vocab], transform=tf_s)
         for model, buf in ((teacher, zt), (self_model, zp)):
             if model is not None:
                 matmul_into(buf[:c], model.hidden.index_select(0, rows), model.weight[:vocab].T, blocks=blocks,
                             count=count, row0=start, limit="m",
-                            bias=None if model.bias is None else model.bias[:vocab], scale=inv_tau)
+                            bias=None if model.bias is None else model.bias[:vocab],
+                            transform=kernel_transform(model.transform, inv_tau))
         _rows_kernel[(c,)](
             zs, zt if zt is not None else zs, zp if zp is not None else zs, zs.stride(0), count, start, rows,
             per_row["y"], per_row["yh"], per_row["kind"], per_row["rw"], per_row["use_t"], per_row["lse_t"],
             per_row["lse_p"], per_row["lsrc"], per_row["red"], per_token, student_logprob,
             chunk_amax if chunk_amax is not None else zs,
-            vocab, float(inv_tau), float(jsd_beta), math.log(jsd_beta), math.log1p(-jsd_beta), float(ce_weight),
+            vocab, float(tf_s.grad_scale), float(tf_s.inv_post), float(jsd_beta), math.log(jsd_beta),
+            math.log1p(-jsd_beta), float(ce_weight),
+            SOFTCAP=tf_s.softcap and want_grad,  # only the gradient sweep reads it: no variant without one
             HAS_T=teacher is not None, HAS_P=self_model is not None, HAS_RKL=flags["rkl"], HAS_FKL=flags["fkl"],
             HAS_JSD=flags["jsd"], HAS_SAMPLED=flags["sampled"], HAS_CE=ce_weight > 0, WANT_GRAD=want_grad,
             GRAD_AMAX=chunk_amax is not None, BLOCK_V=blocks.row_v, num_warps=blocks.num_warps,

@@ -24,9 +24,26 @@ multiplies are int64 in every kernel (V x H and C x V pass 2^31 at real sizes).
 CUDA graphs: run one call (forward and backward) before capturing: it compiles the kernels, copies the
 route tables to the device (``tables.py``; tables read during a capture are never evicted) and runs
 backend="auto"'s one-time self-check (``selfcheck.py``); use ``check_values=False`` inside the graph.
-Compile coverage: tests/test_triton_compile.py compiles every variant the launcher emits (126: presets, CE,
-custom tables, bf16 / fp16 / fp32, biases, two-pass, gradients or not) for sm_90 and checks wgmma, shared
-memory (max 128 KB of 227 KB), 64-bit offsets and the rows kernel's barrier.
+Compile coverage: tests/test_triton_compile.py compiles every variant the launcher emits (157: presets, CE,
+custom tables, bf16 / fp16 / fp32, biases, two-pass, gradients or not, soft-caps) for sm_90 and checks wgmma,
+shared memory (max 128 KB of 227 KB), 64-bit offsets and the rows kernel's barrier.
+Logit transforms (``softcap.py``): each model's LogitTransform is the epilogue of every kernel that forms
+its logits (statistics tile, two-pass and full-support logit GEMMs, top-K gather). A multiplier folds into
+the 1 / tau multiply, so identity and multiplier-only models run the variants compiled before transforms
+existed (the GEMM's identity variants have no exp2 at all: checked by the sweep); a soft-cap compiles
+variants of its own (constexpr SOFTCAP): one tanh per logit per pass, -inf kept, and the slope
+1 - tanh^2 read off the stored logits in the rows kernel's gradient sweep (~4 instructions per logit of a
+memory-bound sweep) and off the (N, K) gathered logits before the scatter (torch, O(N K)). Its cost, from
+the sm_90 SASS of the twin variants (static counts, executed once per tile and thread): +691 instructions
+(2 MUFU per logit) per 64 x 128 statistics tile with top-K (32 logits per thread; 255 registers either
+way, spills unchanged at ~1.4 KB), +2029 per 128 x 128 tile without top-K (226 -> 255 registers, no
+spills), +1658 per 128 x 128 logit-GEMM tile (116 -> 146 registers). Predicted on an H200 (1.98 GHz, 4
+issue slots per SM, epilogue not overlapped with the MMA, not measured): +0.7 us per 64 x 128 top-K tile
+against ~7 us of MMA at Hs = 2048 (+10 %; +5 % at Ht = 4096), i.e. ~1.6 ms per soft-capped model in stage 1
+at N = 16384, V = 151936 (~2.3 ms without top-K, or in the two-pass GEMM's epilogue ~1.9 ms); ~0.5 ms per
+logit GEMM of stage 3 (HT = 0.25 N); stage 4 ~0. Gemma 2 (all three models capped) with dopd: ~+4-5 ms on
+the ~108-130 ms below (~4 %); the MUFU pipe (the tanh's 2 + the log-sum-exp's 1 per logit: ~1.5K cycles
+per top-K tile) stays under the issue time.
 
 Predicted H200 time, N=16384, Hs=2048, Ht=4096, V=151936, bf16, HT fraction 0.25, K=128 (not measured:
 no GPU has been lent to a build session yet):
@@ -111,14 +128,12 @@ def triton_routed_loss(
     float64 inputs go to the PyTorch path (the kernels accumulate in fp32). Masked tokens are carried
     through the statistics pass (cost N, not the valid count) but never routed, weighted or reduced.
     """
-    if not (student_transform.is_identity and teacher_transform.is_identity and self_transform.is_identity):
-        raise NotImplementedError("triton_routed_loss: logit transforms (scale/softcap) are not implemented on this backend "
-                                  "yet; use backend='reference'")
     if torch.float64 in (student_hidden.dtype, student_weight.dtype, teacher_hidden.dtype, teacher_weight.dtype):
         return chunked_routed_loss(
             student_hidden, student_weight, teacher_hidden, teacher_weight, self_hidden, target_ids, valid,
             student_bias=student_bias, teacher_bias=teacher_bias, self_weight=self_weight, self_bias=self_bias,
-            hard_labels=hard_labels, config=config)
+            hard_labels=hard_labels, config=config, student_transform=student_transform,
+            teacher_transform=teacher_transform, self_transform=self_transform)
     shape = target_ids.shape
     vocab, hs = student_weight.shape
     device = student_hidden.device
@@ -142,9 +157,9 @@ def triton_routed_loss(
     with device_guard(device), torch.no_grad():
         stats = {
             "self": fused_linear_stats(h_p, w_p, b_p, y, vocab=vocab, inv_tau=inv_tau,
-                                       top_k=k if "self" in topk_sources else 0),
+                                       top_k=k if "self" in topk_sources else 0, transform=self_transform),
             "teacher": fused_linear_stats(h_t, w_t, b_t, y, vocab=vocab, inv_tau=inv_tau,
-                                          top_k=k if "teacher" in topk_sources else 0),
+                                          top_k=k if "teacher" in topk_sources else 0, transform=teacher_transform),
         }
         lp_self, lp_teacher = stats["self"].target_logprob, stats["teacher"].target_logprob
         routing = route_tokens(lp_self, lp_teacher, flat_valid, config)
@@ -178,9 +193,9 @@ def triton_routed_loss(
                 lsrc=torch.where(use_t != 0, lp_teacher, lp_self), red=red_w,
             )
             student_full_rows(
-                order=order, count=count, student=Model(h_s, w_s, b_s),
-                teacher=Model(h_t, w_t, b_t) if ("teacher", "full") in uses else None,
-                self_model=Model(h_p, w_p, b_p) if ("self", "full") in uses else None,
+                order=order, count=count, student=Model(h_s, w_s, b_s, student_transform),
+                teacher=Model(h_t, w_t, b_t, teacher_transform) if ("teacher", "full") in uses else None,
+                self_model=Model(h_p, w_p, b_p, self_transform) if ("self", "full") in uses else None,
                 per_row=per_row, vocab=vocab, inv_tau=inv_tau, jsd_beta=config.jsd_beta, ce_weight=config.ce_weight,
                 flags={d: any(s.support == "full" and s.divergence == d for s in full_specs) for d in KIND_CODES}
                 | {"sampled": any(s.support == "sampled" for s in full_specs)},
@@ -190,7 +205,7 @@ def triton_routed_loss(
         if topk_sources:
             topk_rows(route=route, hidden=h_s, weight=w_s, bias=b_s,
                       stats={s: stats[s] for s in sorted(topk_sources)}, config=config, red_w=red_w,
-                      per_token=per_token, grads=grads)
+                      per_token=per_token, grads=grads, transform=student_transform)
         per_token = torch.where(flat_valid, per_token, 0.0)
         loss_value = (per_token * red_w).sum()
 
@@ -204,7 +219,8 @@ def triton_routed_loss(
         """Student log-probs: from the full-softmax rows where computed, else one student stats pass."""
         with device_guard(device), torch.no_grad():
             missing = torch.isnan(student_logprob)
-            fresh = fused_linear_stats(h_s, w_s, b_s, y, vocab=vocab, inv_tau=inv_tau).target_logprob
+            fresh = fused_linear_stats(h_s, w_s, b_s, y, vocab=vocab, inv_tau=inv_tau,
+                                       transform=student_transform).target_logprob
             out = torch.where(missing, fresh, student_logprob)
             return torch.where(flat_valid, out, 0.0).reshape(shape)
 

@@ -1,7 +1,8 @@
 """Tiled matmul with fp32 accumulation for the full-support chunks: C (+)= scale * (A @ B + bias).
 
 Used three ways per chunk of C student-full rows (``full_support.py``):
-    logits  z (C, V)  = (h_chunk @ W^T + b) / tau       rows limited to the live rows of the chunk
+    logits  z (C, V)  = T(h_chunk @ W^T + b) / tau      rows limited to the live rows of the chunk; T the
+                                                        model's transform (``softcap.py`` epilogue)
     d hidden (C, Hs)  = dz @ W                          rows limited likewise
     d weight (V, Hs) += dz^T @ h_chunk                  reduction limited to the live rows; fp32 accumulator
 "Live" rows come from a device-side count (rows past it skip their loads and stores, or the reduction
@@ -25,6 +26,7 @@ import triton
 import triton.language as tl
 
 from .blocks import Blocks, dot_args, dot_dtype
+from .softcap import KernelTransform, transform_logits
 
 @triton.jit
 def pow2_scale(amax):
@@ -37,9 +39,9 @@ def pow2_scale(amax):
 
 @triton.jit
 def _mm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, count_ptr, amax_ptr, row0, M, N, K,
-               s_am, s_ak, s_bk, s_bn, s_cm, s_cn, scale,
+               s_am, s_ak, s_bk, s_bn, s_cm, s_cn, pre, scale,
                LIMIT_M: tl.constexpr, LIMIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
-               SCALE_A: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
+               SOFTCAP: tl.constexpr, SCALE_A: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -80,7 +82,7 @@ def _mm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, count_ptr, amax_ptr, row0, M, N, K
         acc = acc / a_scale
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    acc = acc * scale
+    acc = transform_logits(acc, pre, scale, SOFTCAP)  # acc * scale, or scale * tanh(pre * acc) keeping -inf
     c_ptrs = c_ptr + rm64[:, None] * s_cm + rn64[None, :] * s_cn
     out_ok = m_ok[:, None] & n_ok[None, :]
     if ACCUMULATE:
@@ -91,8 +93,11 @@ def _mm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, count_ptr, amax_ptr, row0, M, N, K
 def matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, blocks: Blocks, count: torch.Tensor,
                 row0: int, limit: str, bias: Optional[torch.Tensor] = None, scale: float = 1.0,
                 accumulate: bool = False, operand_dtype: Optional[torch.dtype] = None,
-                a_amax: Optional[torch.Tensor] = None) -> None:
+                a_amax: Optional[torch.Tensor] = None, transform: Optional[KernelTransform] = None) -> None:
     """out (M, N) fp32 (+)= scale * (a @ b + bias), a (M, K) and b (K, N) any strides (views of transposes).
+
+    ``transform`` (logits only, replaces ``scale``): a model's epilogue from ``softcap.kernel_transform``,
+    out = post * tanh(pre * (a @ b + bias)) with -inf kept under a soft-cap, else post * (a @ b + bias).
 
     ``limit``: "m" (rows >= count - row0 are neither read nor written; blocks of such rows return at once)
     or "k" (the reduction stops at count - row0; with ``accumulate`` and no bias, nothing is read or written
@@ -108,12 +113,13 @@ def matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, blocks: 
     if ddt == torch.bfloat16 and not blocks.gpu:
         ddt = torch.float32  # interpreter: see blocks.dot_dtype
     scale_a = a_amax is not None and ddt == torch.float16
+    tf = transform or KernelTransform(False, 1.0, scale)
     grid = (triton.cdiv(m, blocks.mm_m), triton.cdiv(n, blocks.mm_n))
     _mm_kernel[grid](
         a, b, out, bias if bias is not None else out, count, a_amax if scale_a else out, row0, m, n, k,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1), float(scale),
-        LIMIT_M=limit == "m", LIMIT_K=limit == "k", HAS_BIAS=bias is not None, ACCUMULATE=accumulate,
-        SCALE_A=scale_a, **dot_args(ddt),
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1), float(tf.pre),
+        float(tf.post), LIMIT_M=limit == "m", LIMIT_K=limit == "k", HAS_BIAS=bias is not None,
+        ACCUMULATE=accumulate, SOFTCAP=tf.softcap, SCALE_A=scale_a, **dot_args(ddt),
         BLOCK_M=blocks.mm_m, BLOCK_N=blocks.mm_n, BLOCK_K=blocks.mm_k,
         num_warps=blocks.num_warps, num_stages=blocks.num_stages,
     )

@@ -2,7 +2,9 @@
 
 For each token n and model (h, W, b), over the first ``vocab`` rows of W (teacher padding rows are
 never read; columns past ``vocab`` are -inf, never 0):
-    z = (h W^T + b) / tau,   lse_n = logsumexp_v z,   target_n = z[y_n],   top-K of z (ids and values).
+    z = T(h W^T + b) / tau,   lse_n = logsumexp_v z,   target_n = z[y_n],   top-K of z (ids and values),
+with T the model's ``LogitTransform`` (``softcap.py``: a multiplier folds into 1 / tau; a soft-cap adds one
+tanh per logit to the tile's epilogue, in a variant compiled only for soft-capped models).
 Grid: (token blocks, vocabulary splits). Each program sweeps its split in BLOCK_V columns; each tile is
 ``tl.dot`` over BLOCK_H slices of the hidden size with an fp32 accumulator, folded into a running
 (max, sum-exp), the target logit and, when asked, the row's top-K candidate list (``candidates.py``: a
@@ -28,9 +30,14 @@ import triton
 import triton.language as tl
 
 from ..chunked_stats import LinearStats
+from ..transform import IDENTITY, LogitTransform
 from .blocks import blocks_for, dot_args, dot_dtype, next_pow2
 from .candidates import NO_ID, NO_ID_HOST, above, append, canonical, compact, list_capacity
 from .matmul import matmul_into
+from .softcap import KernelTransform, kernel_transform, transform_logits
+
+#: The epilogue of logits that are already final (two-pass mode): times 1.0.
+FINAL = KernelTransform(False, 1.0, 1.0)
 
 @triton.jit
 def _tile_logits(h_ptr, w_ptr, rows, row_ok, cols, col_ok, hidden, stride_hn, stride_wv,
@@ -59,8 +66,9 @@ def _tile_logits(h_ptr, w_ptr, rows, row_ok, cols, col_ok, hidden, stride_hn, st
 
 @triton.jit
 def _stats_kernel(h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, s_ptr, tgt_ptr, val_ptr, id_ptr, cnt_ptr,
-                  n_rows, vocab, hidden, v_per_split, n_splits, stride_hn, stride_wv, inv_tau,
-                  HAS_BIAS: tl.constexpr, TOPK: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
+                  n_rows, vocab, hidden, v_per_split, n_splits, stride_hn, stride_wv, pre, post,
+                  HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, TOPK: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                  IEEE: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, KB: tl.constexpr,
                   CAP: tl.constexpr, CH: tl.constexpr, FROM_LOGITS: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -84,7 +92,7 @@ def _stats_kernel(h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, s_ptr, tgt_ptr, val_ptr, id
     for v0 in range(v_lo, v_hi, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_ok = cols < v_hi
-        if FROM_LOGITS:  # two-pass mode: h_ptr holds fp32 logits (N, V), already biased and scaled
+        if FROM_LOGITS:  # two-pass mode: h_ptr holds fp32 logits (N, V), already biased and transformed
             z = tl.load(h_ptr + rows.to(tl.int64)[:, None] * stride_hn + cols[None, :],
                         mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         else:
@@ -92,7 +100,8 @@ def _stats_kernel(h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, s_ptr, tgt_ptr, val_ptr, id
                              DOT_DTYPE, IEEE, BLOCK_N, BLOCK_V, BLOCK_H)
         if HAS_BIAS:
             z += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        z = tl.where(col_ok[None, :], z * inv_tau, float("-inf"))
+        # The model's transform and 1 / tau (softcap.py): post * z, or post * tanh(pre * z) keeping -inf.
+        z = tl.where(col_ok[None, :], transform_logits(z, pre, post, SOFTCAP), float("-inf"))
         # Online log-sum-exp. A tile (even a whole split) may hold only -inf logits (a -inf bias masking part
         # of the vocabulary): the max stays -inf, and shifting by 0 instead keeps exp(-inf - -inf) out.
         new_max = tl.maximum(run_max, tl.max(z, axis=1))
@@ -148,11 +157,14 @@ def fused_linear_stats(
     top_k: int = 0,
     n_splits: Optional[int] = None,
     impl: Optional[str] = None,
+    transform: LogitTransform = IDENTITY,
 ) -> LinearStats:
-    """Per-token lse, target logit and (``top_k`` > 0) top-K of ``(hidden @ weight[:vocab].T + b) * inv_tau``.
+    """Per-token lse, target logit and (``top_k`` > 0) top-K of ``transform(hidden @ weight[:vocab].T + b) * inv_tau``.
 
     hidden (N, H), weight (Vw >= vocab, H), bias (Vw,) or None, targets (N,) int64 in [0, vocab) (other ids
     give target_logit 0). Returns fp32 ``LinearStats``; topk_idx is int64 (N, top_k). No host sync.
+    ``transform``: the model's logit post-processing, in the kernel's epilogue (``softcap.py``); exact ties
+    of saturated soft-caps go to the lower id in the top-K, as ``topk.topk_lower_id``.
     ``impl`` (default ``blocks.stats_impl``): "fused" (the GEMM inside the statistics kernel) or "two_pass"
     (per chunk of ``blocks.stats_chunk`` rows, ``matmul.py`` writes fp32 logits, then the same kernel reads
     them: a C x V scratch and 8 V bytes of traffic per row, but the GEMM runs in plain 128-row tiles with
@@ -192,13 +204,14 @@ def fused_linear_stats(
     meta = dict(TOPK=bool(top_k), BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=blocks.stats_h, KB=max(top_k, 1),
                 CAP=cap, CH=chunk, num_warps=blocks.num_warps, **dot_args(dot_dtype(hidden, weight, gpu=blocks.gpu)))
 
-    def launch(src: torch.Tensor, stride: int, start: int, rows: int, scale: float, with_bias: bool,
+    def launch(src: torch.Tensor, stride: int, start: int, rows: int, tf: tuple, with_bias: bool,
                from_logits: bool) -> None:
         sl = slice(start, start + rows)
         _stats_kernel[(triton.cdiv(rows, block_n), n_splits)](
             src, weight, bias if with_bias else weight, targets[sl], run_max[sl], run_sum[sl], tgt[sl],
             cand_vals, cand_ids, count, rows, vocab, h, v_per_split, n_splits, stride,
-            weight.stride(0), float(scale), HAS_BIAS=with_bias, FROM_LOGITS=from_logits, **meta)
+            weight.stride(0), float(tf.pre), float(tf.post), HAS_BIAS=with_bias, SOFTCAP=tf.softcap,
+            FROM_LOGITS=from_logits, **meta)
         if top_k:
             # After the kernel's last cut each (row, split) holds <= K keys in its first slots.
             kept = min(top_k, cap)
@@ -206,9 +219,12 @@ def fused_linear_stats(
             keys = encode_keys(cand_vals[:rows, :, :kept], cand_ids[:rows, :, :kept]).masked_fill_(~live, -(2**63))
             topk_vals[sl], topk_idx[sl] = decode_keys(torch.topk(keys.reshape(rows, -1), top_k, dim=1).values)
 
+    tf = kernel_transform(transform, inv_tau)
     if n and impl == "fused":
-        launch(hidden, hidden.stride(0), 0, n, inv_tau, bias is not None, False)
+        launch(hidden, hidden.stride(0), 0, n, tf, bias is not None, False)
     elif n:
+        # The GEMM's epilogue applies the transform, so the stored logits are final (any reader of them
+        # needs no transform); the statistics kernel then runs its identity variant on them.
         logits = torch.empty(rows_per_launch, vocab, **f32)
         total = torch.full((1,), n, dtype=torch.int32, device=hidden.device)  # device-side row count
         w_t = weight[:vocab].T
@@ -216,8 +232,8 @@ def fused_linear_stats(
         for start in range(0, n, rows_per_launch):
             rows = min(rows_per_launch, n - start)
             matmul_into(logits[:rows], hidden[start:start + rows], w_t, blocks=blocks, count=total, row0=start,
-                        limit="m", bias=b, scale=inv_tau)
-            launch(logits, logits.stride(0), start, rows, 1.0, False, True)
+                        limit="m", bias=b, transform=tf)
+            launch(logits, logits.stride(0), start, rows, FINAL, False, True)
     lse = torch.logsumexp(run_max + run_sum.log(), dim=1)
     out = LinearStats(lse=lse, target_logit=tgt.sum(1))
     if top_k:

@@ -2,9 +2,11 @@
 
 For each token on a top-K route, the K output-projection rows picked by its source's top-K (from the
 statistics kernel) give the student's logits at those ids:
-    ``_gather_logits_kernel``  z_K[n, k] = (W[idx[n, k]] . h[n] + b[idx[n, k]]) / tau        (N, K) fp32
-Both sides are renormalized over the K ids and ``divergences.divergence_and_grad`` gives the value and
-dz_K (N, K), in torch: the tensors are N x K, so this is the same code as the PyTorch path, not a restatement.
+    ``_gather_logits_kernel``  z_K[n, k] = T(W[idx[n, k]] . h[n] + b[idx[n, k]]) / tau     (N, K) fp32
+(T the student's transform, ``softcap.py``). Both sides are renormalized over the K ids and
+``divergences.divergence_and_grad`` gives the value and dz_K (N, K), then ``LogitTransform.chain_grad_``
+chains it through T, in torch: the tensors are N x K, so this is the same code as the PyTorch path, not a
+restatement.
     ``_scatter_grad_kernel``  d h[n] += sum_k dz[n, k] W[idx[n, k]];  d W[idx[n, k]] += dz[n, k] h[n];
                               d b[idx[n, k]] += dz[n, k]                 (fp32, atomics for d W / d b)
 Rows off the top-K routes (full-support rows, masked tokens) load nothing: their row weight is 0.
@@ -28,14 +30,17 @@ import triton.language as tl
 from ..chunked_stats import LinearStats
 from ..config import RouteConfig
 from ..divergences import divergence_and_grad
+from ..transform import IDENTITY, LogitTransform
 from .blocks import Blocks, blocks_for
+from .softcap import kernel_transform, transform_logits
 from .tables import route_tables
 
 
 @triton.jit
-def _gather_logits_kernel(h_ptr, w_ptr, b_ptr, idx_ptr, on_ptr, z_ptr, K, hidden, stride_hn, stride_wv, inv_tau,
-                          HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Program (token n, block of K ids): z[n, ks] = (W[idx] . h[n] + b[idx]) * inv_tau, 0 for rows off."""
+def _gather_logits_kernel(h_ptr, w_ptr, b_ptr, idx_ptr, on_ptr, z_ptr, K, hidden, stride_hn, stride_wv, pre, post,
+                          HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_K: tl.constexpr,
+                          BLOCK_H: tl.constexpr):
+    """Program (token n, block of K ids): z[n, ks] = T(W[idx] . h[n] + b[idx]) / tau (softcap.py), 0 for rows off."""
     n = tl.program_id(0).to(tl.int64)  # N x Hs and N x K offsets may pass 2^31
     ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     live_k = tl.where(tl.load(on_ptr + n) != 0, K, 0)  # a row that is off reads nothing
@@ -51,7 +56,7 @@ def _gather_logits_kernel(h_ptr, w_ptr, b_ptr, idx_ptr, on_ptr, z_ptr, K, hidden
         acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
     if HAS_BIAS:
         acc += tl.load(b_ptr + ids, mask=k_ok, other=0.0).to(tl.float32)
-    tl.store(z_ptr + n * K + ks, acc * inv_tau, mask=ks < K)
+    tl.store(z_ptr + n * K + ks, transform_logits(acc, pre, post, SOFTCAP), mask=ks < K)
 
 
 @triton.jit
@@ -91,18 +96,21 @@ def _scatter_grad_kernel(dz_ptr, h_ptr, w_ptr, idx_ptr, on_ptr, dh_ptr, dw_ptr, 
 
 
 def gather_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], idx: torch.Tensor,
-                  on: torch.Tensor, inv_tau: float, blocks: Blocks) -> torch.Tensor:
-    """(N, K) fp32 student logits at ``idx`` for rows where ``on`` (0 elsewhere). hidden (N, Hs), weight (>= V, Hs)."""
+                  on: torch.Tensor, inv_tau: float, blocks: Blocks,
+                  transform: LogitTransform = IDENTITY) -> torch.Tensor:
+    """(N, K) fp32 student logits ``transform(h W[idx]^T + b[idx]) * inv_tau`` for rows where ``on`` (0
+    elsewhere). hidden (N, Hs), weight (>= V, Hs)."""
     n, k = idx.shape
     hidden = hidden.contiguous()
     weight = weight if weight.stride(1) == 1 else weight.contiguous()
     idx = idx.contiguous()
     z = torch.empty(n, k, dtype=torch.float32, device=hidden.device)
+    tf = kernel_transform(transform, inv_tau)
     if n and k:
         _gather_logits_kernel[(n, triton.cdiv(k, blocks.gather_k))](
             hidden, weight, bias if bias is not None else weight, idx, on.to(torch.int8), z, k, hidden.shape[1],
-            hidden.stride(0), weight.stride(0), float(inv_tau),
-            HAS_BIAS=bias is not None, BLOCK_K=blocks.gather_k, BLOCK_H=blocks.gather_h)
+            hidden.stride(0), weight.stride(0), float(tf.pre), float(tf.post),
+            HAS_BIAS=bias is not None, SOFTCAP=tf.softcap, BLOCK_K=blocks.gather_k, BLOCK_H=blocks.gather_h)
     return z
 
 
@@ -133,11 +141,12 @@ def scatter_grad(dz: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, i
 
 def topk_rows(*, route: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
               stats: dict[str, LinearStats], config: RouteConfig, red_w: torch.Tensor, per_token: torch.Tensor,
-              grads: dict[str, Optional[torch.Tensor]]) -> None:
+              grads: dict[str, Optional[torch.Tensor]], transform: LogitTransform = IDENTITY) -> None:
     """Add the top-K routes' losses to ``per_token`` (N,) and their gradients to the fp32 ``grads``.
 
     route (N,) int64 (-1 masked); hidden (N, Hs) student; weight (>= V, Hs), bias or None (student);
-    stats[source] with topk_vals / topk_idx (N, K) for each source a top-K route reads. No host sync.
+    stats[source] with topk_vals / topk_idx (N, K) for each source a top-K route reads (transformed);
+    ``transform``: the student's. No host sync.
     """
     inv_tau = 1.0 / config.temperature
     blocks = blocks_for(hidden.device)
@@ -153,7 +162,8 @@ def topk_rows(*, route: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor
         only = next(iter(stats.values()))
         idx, vals = only.topk_idx, only.topk_vals
     hidden = hidden.contiguous()  # once, for both kernels
-    logp = gather_logits(hidden, weight, bias, idx, on, inv_tau, blocks).log_softmax(-1)
+    z = gather_logits(hidden, weight, bias, idx, on, inv_tau, blocks, transform)
+    logp = z.log_softmax(-1)
     logp_src = vals.float().log_softmax(-1)
     loss = torch.zeros_like(rw)
     dz = torch.zeros_like(logp)
@@ -163,4 +173,7 @@ def topk_rows(*, route: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor
         loss = loss + torch.where(sel, rw * value, 0.0)
         dz = dz + torch.where(sel[:, None], rw[:, None] * g, 0.0)
     per_token += loss
-    scatter_grad(dz * (red_w * inv_tau)[:, None], hidden, weight, idx, on, grads, blocks)
+    # The chain factor on (N, K), before the scatter: red_w * scale / tau per row, and under a soft-cap the
+    # slope 1 - tanh^2 from the gathered logits (0 at -inf). The PyTorch path's own code: O(N K) elementwise.
+    transform.chain_grad_(dz, z if transform.grad_needs_logits else None, inv_tau, red_w)
+    scatter_grad(dz, hidden, weight, idx, on, grads, blocks)

@@ -39,9 +39,6 @@ def _shard_ops(backend: str, dtype: torch.dtype, device: torch.device, config: R
     process), else torch."""
     inv_tau = 1.0 / config.temperature
     if backend == "triton" and dtype != torch.float64:
-        if not all(t.is_identity for t in transforms):
-            raise NotImplementedError("vocab_group with backend='triton': logit transforms (scale/softcap) are not "
-                                      "implemented on this backend yet; use backend='torch'")
         from .triton_ops import TritonShardOps
 
         return TritonShardOps(device, inv_tau)

@@ -7,7 +7,8 @@ accumulation, the weights read in their own dtype: no fp32 copy of the shard) an
 ``topk.scatter_grad`` (the student's logits at K ids and their gradients, no (C, K, H) block). The exchange
 between ranks and the per-row loss arithmetic stay in torch (``losses.py``): the single-process
 full-support row kernel needs the whole row's sums inside one program, which a vocabulary shard does not
-have. No logit transforms (as on the single-process Triton path).
+have. Logit transforms as on the single-process Triton path: in the statistics kernel's and the logit
+GEMM's epilogues (``triton/softcap.py``); the raw logits at K ids are transformed in torch (``losses.py``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from ..chunked_stats import LinearStats
 from ..transform import LogitTransform
 from ..triton.blocks import blocks_for
 from ..triton.matmul import matmul_into
+from ..triton.softcap import kernel_transform
 from ..triton.stats import fused_linear_stats
 from ..triton.topk import gather_logits, scatter_grad
 
@@ -38,7 +40,7 @@ class TritonShardOps:
         self.blocks = blocks_for(device)
 
     def projection(self, weight: Tensor, bias: Optional[Tensor], transform: LogitTransform) -> Projection:
-        """The shard's projection as given (the kernels read bf16/fp16 weights directly; identity transforms only)."""
+        """The shard's projection as given (the kernels read bf16/fp16 weights directly)."""
         weight = weight.detach()
         return Projection(weight if weight.stride(1) == 1 else weight.contiguous(),
                           None if bias is None else bias.detach(), transform)
@@ -50,16 +52,16 @@ class TritonShardOps:
     def stats(self, hidden: Tensor, proj: Projection, local_targets: Tensor, top_k: int) -> LinearStats:
         """As ``TorchShardOps.stats``, with the fused statistics kernel."""
         return fused_linear_stats(hidden, proj.weight, proj.bias, local_targets, vocab=proj.weight.shape[0],
-                                  inv_tau=self.inv_tau, top_k=top_k)
+                                  inv_tau=self.inv_tau, top_k=top_k, transform=proj.transform)
 
     def _count(self, rows: int, device: torch.device) -> Tensor:
         return torch.full((1,), rows, dtype=torch.int32, device=device)  # every row of the chunk is live
 
     def logits(self, h: Tensor, proj: Projection) -> Tensor:
-        """(C, V_r) fp32 ``(h W^T + b) / tau`` with the Triton GEMM."""
+        """(C, V_r) fp32 ``transform(h W^T + b) / tau`` with the Triton GEMM (the transform in its epilogue)."""
         out = torch.empty(h.shape[0], proj.weight.shape[0], dtype=torch.float32, device=h.device)
         matmul_into(out, h, proj.weight.T, blocks=self.blocks, count=self._count(h.shape[0], h.device), row0=0,
-                    limit="m", bias=proj.bias, scale=self.inv_tau)
+                    limit="m", bias=proj.bias, transform=kernel_transform(proj.transform, self.inv_tau))
         return out
 
     def _operand(self, proj: Projection) -> Optional[torch.dtype]:
