@@ -21,11 +21,11 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
+from dopd.config import PARALLEL
 from dopd.distributed import DistContext
 from dopd.passes import base_model
 from dopd.precision import Precision
 
-PARALLEL_MODES = ("ddp", "fsdp")
 
 
 def decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -66,7 +66,7 @@ def wrap_student(module: torch.nn.Module, ctx: DistContext, parallel: str, devic
                     else "broadcast_buffers")
         return DistributedDataParallel(module, **{sync_off: False})
     if parallel != "fsdp":
-        raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {parallel!r}")
+        raise ValueError(f"parallel must be one of {PARALLEL}, got {parallel!r}")
     from torch.distributed.fsdp import fully_shard
 
     mesh, policy = _mesh(ctx, device), precision.mp_policy()
@@ -106,13 +106,6 @@ def grad_scaler(precision: Precision, device: torch.device, ctx: DistContext, pa
 
         return ShardedGradScaler(device.type, enabled=True, process_group=ctx.group)
     return precision.grad_scaler(device)
-
-
-def is_fsdp(module: torch.nn.Module) -> bool:
-    """True when ``module`` is an FSDP2 root (``fully_shard`` applied)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(module, FSDPModule)
 
 
 @contextlib.contextmanager
