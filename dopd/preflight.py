@@ -6,8 +6,8 @@ Two stages, both before anything is written to the output directory:
    its teacher, so a typo never waits for minutes of set-up.
 2. :func:`check_run` -- the files, in seconds: data (and answers in the eval data), the model configs
    (``AutoConfig``: a local-looking path that does not exist fails at once, without asking the Hub),
-   each model's logit post-processing (applied exactly, or the model is refused), whether the loss
-   backend implements it, the tokenizers and vocabularies.
+   each model's logit post-processing (applied exactly, or the model is refused), the tokenizers and
+   vocabularies.
 Every failure is a :class:`~dopd.config.ConfigError`, :class:`~dopd.data.DataError` or
 :class:`~dopd.modeling.CompatibilityError` naming the flag, the value and the valid values; the CLI
 prints it as ``dopd <command>: error: ...`` and exits with status 2.
@@ -111,28 +111,6 @@ def logit_transforms(student: str, teacher: str) -> dict[str, Any]:
     return out
 
 
-def check_transforms_supported(backend: str, device: torch.device, loss_config: Any, transforms: dict[str, Any]) -> None:
-    """Refuse now, not in the first step, when ``backend`` does not implement the models' logit transforms.
-
-    Asks the backend itself: one ``routed_loss`` call on a few random numbers (V=8, 4 tokens) with the
-    transforms, so the answer follows the backend's code instead of a list kept here.
-    """
-    if all(t is None or t.is_identity for t in transforms.values()):
-        return
-    from dopd_kernels import routed_loss
-
-    g = torch.Generator().manual_seed(0)
-    h = torch.randn(1, 4, 4, generator=g).to(device)
-    w = torch.randn(8, 4, generator=g).to(device)
-    try:
-        routed_loss(h, w, h, w, h, torch.zeros(1, 4, dtype=torch.long, device=device), config=loss_config,
-                    backend=backend, **transforms)
-    except NotImplementedError as err:
-        used = "; ".join(f"{k.split('_')[0]}: {t}" for k, t in transforms.items() if not t.is_identity)
-        raise ConfigError(f"--loss-backend {backend}: the models post-process their logits ({used}) and this backend "
-                          f"does not implement that yet ({err}); valid here: --loss-backend reference") from None
-
-
 @dataclass
 class RunPlan(FlagChecks):
     """Everything :func:`check_run` read and checked; what the trainer then loads the models with."""
@@ -157,7 +135,6 @@ def check_run(config: TrainConfig, flags: Optional[FlagChecks] = None) -> RunPla
     records = load_data("--data", config.data)
     eval_records = load_data("--eval-data", config.eval_data, eval_data=True) if config.eval_data else []
     transforms = logit_transforms(config.student, config.teacher)  # reads both configs (local paths first)
-    check_transforms_supported(config.loss_backend, flags.device, flags.loss_config, transforms)
     tokenizer_path, tokenizer_flag = (config.tokenizer, "--tokenizer") if config.tokenizer else (config.student, "--student")
     if config.tokenizer:
         check_model_path(config.tokenizer, "--tokenizer")
