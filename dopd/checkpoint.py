@@ -73,3 +73,9 @@ def latest_checkpoint(output_dir: str) -> Optional[str]:
     """The newest complete checkpoint, or None."""
     found = list_checkpoints(output_dir)
     return found[-1] if found else None
+
+
+def load_state(path: str) -> dict[str, Any]:
+    """Read ``trainer_state.pt`` of a checkpoint: step, world size, ``--parallel`` and the run's extra data
+    (config, EMA counters). Optimizer, schedule and RNG are ``dopd.dist_checkpoint``'s to restore."""
+    return torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=False)

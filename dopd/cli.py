@@ -1,6 +1,7 @@
-"""The ``dopd`` command: ``dopd train``, ``dopd eval``, ``dopd plot``.
+"""The ``dopd`` command: ``dopd train``, ``dopd eval``, ``dopd plot``, ``dopd compare``.
 
-``dopd train`` with no student/teacher/data runs the embedded default task (see ``dopd.tasks.default``).
+``dopd train`` with no student/teacher/data runs a built-in task (``--task NAME``, see
+``dopd.tasks.registry``; default ``digit_sum``). ``dopd compare`` lives in ``dopd.compare``.
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plot", help="draw route fractions, loss and accuracy of a run into a PNG", parents=[common])
     pl.add_argument("dir", help="the run's output directory (holds metrics.jsonl)")
     pl.add_argument("--out", help="PNG path (default: DIR/training.png)")
+    from dopd.compare import add_compare_parser
+
+    add_compare_parser(sub, parents=[common])
     return p
 
 
@@ -74,7 +78,7 @@ def _train(args: argparse.Namespace) -> int:
 
         import torch
 
-        from dopd.tasks.default import prepare_default_task
+        from dopd.tasks.registry import get_task
 
         if "OMP_NUM_THREADS" not in os.environ:
             # The tiny models' matrices are too small to split across threads: synchronisation
@@ -82,7 +86,7 @@ def _train(args: argparse.Namespace) -> int:
             torch.set_num_threads(1)
         # Rank 0 trains (or loads from the cache) the tiny models and writes the data; the other ranks take
         # its paths (several nodes: --cache-dir and --output-dir on a filesystem they share).
-        prepared = prepare_default_task(config, log=print) if ctx.is_main else None
+        prepared = get_task(config.task).prepare(config) if ctx.is_main else None
         config, reference = ctx.broadcast_object(prepared)
     from dopd.trainer import Trainer
 
@@ -95,7 +99,7 @@ def _train(args: argparse.Namespace) -> int:
             print(f"student accuracy ({config.preset}): {first}{after:.3f}")
         if embedded:
             print(f"teacher accuracy without the hint: {reference['teacher_accuracy']:.3f} "
-                  f"(for reference; the student never sees the hint)")
+                  f"(held-out split, for reference; the student never sees the hint)")
     shutdown(ctx)
     return 0
 
@@ -161,6 +165,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with warnings.catch_warnings():  # one line per warning, like the errors (restored on return)
             warnings.showwarning = lambda message, category, *_a, **_k: print(
                 f"dopd {args.command}: warning: {message}", file=sys.stderr)
+            if args.command == "compare":
+                from dopd.compare import run_compare_command
+
+                return run_compare_command(args)
             return {"train": _train, "eval": _eval, "plot": _plot}[args.command](args)
     except (ConfigError, DataError, CompatibilityError, OSError) as err:  # OSError: a missing model path
         if args.debug:

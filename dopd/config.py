@@ -1,7 +1,7 @@
 """TrainConfig: one dataclass for a training run, loadable from YAML and overridable by flags.
 
-Precedence, lowest first: the dataclass defaults (or the embedded task's defaults, see
-``dopd.tasks.default``), then the YAML file, then command-line flags. Every field is a flag:
+Precedence, lowest first: the dataclass defaults (or the built-in task's defaults, see
+``dopd.tasks.registry``), then the YAML file, then command-line flags. Every field is a flag:
 ``max_steps`` is ``--max-steps``; booleans take ``--name`` / ``--no-name``; ``loss`` (extra
 RouteConfig fields) takes ``--loss top_k=64`` and may repeat.
 """
@@ -17,7 +17,7 @@ from typing import Any, Mapping, Optional
 import yaml
 
 PRESETS = ("dopd", "vanilla_opd", "vanilla_opd_sampled", "gkd", "opsd", "sdpo")
-SELF_MODELS = ("live", "frozen")
+SELF_MODELS = ("live", "frozen", "ema")
 PARALLEL = ("ddp", "fsdp")
 
 
@@ -42,8 +42,10 @@ class TrainConfig:
     loss_backend: str = "auto"
     # The privileged self pass: "live" = the student's current weights (the paper); "frozen" = the
     # initial student, fixed (SDFT/OPSD-style anchor: a small student can otherwise collapse the self
-    # routes by making its hinted and unhinted outputs agree on junk).
+    # routes by making its hinted and unhinted outputs agree on junk); "ema" = an exponential moving
+    # average of the student, updated after every optimizer step (dopd.self_model).
     self_model: str = "live"
+    self_ema_decay: float = 0.95  # ema: self <- decay * self + (1 - decay) * student
     # Contexts.
     student_template: str = "{prompt}"
     privileged_template: str = "{prompt}\n\n{privileged}"
@@ -83,9 +85,10 @@ class TrainConfig:
     save_every: int = 0  # 0: only the final checkpoint
     keep_checkpoints: int = 2
     resume: bool = False
-    # The embedded default task.
+    # The built-in tasks (used when no student, teacher or data is given).
+    task: Optional[str] = None  # a name from dopd.tasks.registry (None: the default task)
     cache_dir: Optional[str] = None  # where the pre-trained tiny teacher is cached
-    task_size: str = "full"  # full | tiny (tiny: seconds, for tests)
+    task_size: str = "full"  # full | small | tiny (small: quick looks; tiny: seconds, for tests)
 
     def validate(self) -> "TrainConfig":
         """Check value ranges; raise :class:`ConfigError` with the field's name."""
@@ -117,8 +120,14 @@ class TrainConfig:
             raise ConfigError(f"parallel must be one of {PARALLEL}, got {self.parallel!r}")
         if not self.dist_timeout > 0:
             raise ConfigError(f"dist_timeout must be > 0 seconds, got {self.dist_timeout}")
-        if self.task_size not in ("full", "tiny"):
-            raise ConfigError(f"task_size must be full or tiny, got {self.task_size!r}")
+        from dopd.tasks.registry import TASK_SIZES, task_names  # names only: no task module is imported
+
+        if self.task_size not in TASK_SIZES:
+            raise ConfigError(f"task_size must be one of {TASK_SIZES}, got {self.task_size!r}")
+        if self.task is not None and self.task not in task_names():
+            raise ConfigError(f"task must be one of {task_names()}, got {self.task!r}")
+        if not 0 <= self.self_ema_decay < 1:
+            raise ConfigError(f"self_ema_decay must be in [0, 1), got {self.self_ema_decay}")
         if len(tuple(self.adam_betas)) != 2:
             raise ConfigError(f"adam_betas must be two numbers, got {self.adam_betas!r}")
         if not isinstance(self.loss, dict):
@@ -242,8 +251,15 @@ def resolve_config(yaml_path: Optional[str], flags: Mapping[str, Any]) -> TrainC
     when neither the YAML nor the flags name a student, teacher or data."""
     layers = [load_yaml(yaml_path) if yaml_path else {}, dict(flags)]
     merged = apply_overrides(apply_overrides(TrainConfig(), layers[0]), layers[1])
+    if merged.task is not None and not merged.is_embedded_default:
+        raise ConfigError(f"task={merged.task!r} names a built-in task, which brings its own student, teacher and "
+                          "data; drop task, or drop student/teacher/data")
     if merged.is_embedded_default:
-        from dopd.tasks.default import default_task_config  # lazy: keeps `dopd --help` fast
+        from dopd.tasks.registry import task_defaults  # lazy: keeps `dopd --help` fast
 
-        merged = apply_overrides(apply_overrides(default_task_config(), layers[0]), layers[1])
+        try:
+            defaults = task_defaults(merged.task, merged.task_size)
+        except (KeyError, ValueError) as err:
+            raise ConfigError(str(err).strip("'\"")) from None
+        merged = apply_overrides(apply_overrides(apply_overrides(TrainConfig(), defaults), layers[0]), layers[1])
     return merged.validate()

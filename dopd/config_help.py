@@ -17,7 +17,9 @@ FIELD_HELP: dict[str, str] = {
     "preset": "the loss: dopd or a baseline's route table",
     "loss": "a RouteConfig field, e.g. top_k=64 or reduction=token_mean (repeatable)",
     "loss_backend": "routed_loss backend: auto | torch | triton | reference",
-    "self_model": "the privileged self: live (the student itself, the paper) | frozen (the initial student)",
+    "self_model": "the privileged self: live (the student itself, the paper) | frozen (the initial student) | "
+                  "ema (a moving average of the student)",
+    "self_ema_decay": "ema self: self <- decay * self + (1 - decay) * student after every optimizer step",
     "student_template": "the student's context; {prompt} is replaced",
     "privileged_template": "the self's and teacher's context; {prompt} and {privileged} are replaced",
     "response_prefix": "appended to contexts when the tokenizer has no chat template",
@@ -53,20 +55,22 @@ FIELD_HELP: dict[str, str] = {
     "save_every": "write a checkpoint every N steps",
     "keep_checkpoints": "checkpoints kept (oldest deleted first)",
     "resume": "continue from the newest checkpoint in --output-dir",
-    "cache_dir": "where the embedded task caches its trained tiny teacher and student",
-    "task_size": "embedded task size: full | tiny (tiny: seconds, for tests)",
+    "task": "the built-in task to run when no --student/--teacher/--data is given (dopd.tasks.registry)",
+    "cache_dir": "where the built-in task caches its trained tiny teacher and student",
+    "task_size": "built-in task size: full | small | tiny (tiny: seconds, for tests)",
 }
 
 #: Defaults whose bare value would mislead.
 DEFAULT_TEXT: dict[str, str] = {
-    "student": "none: the embedded task's",
-    "teacher": "none: the embedded task's",
+    "student": "none: the built-in task's",
+    "teacher": "none: the built-in task's",
     "tokenizer": "the student's",
-    "data": "none: the embedded task's",
+    "data": "none: the built-in task's",
     "eval_data": "none: no evaluation",
     "eval_every": "0: before and after training only",
     "eval_limit": "0: all",
     "save_every": "0: the final checkpoint only",
     "cache_dir": "$DOPD_CACHE or ~/.cache/dopd",
+    "task": "the default task (digit_sum)",
     "loss": "the preset's",
 }

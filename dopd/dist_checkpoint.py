@@ -6,7 +6,7 @@
   by rank 0 with ``save_pretrained`` from the full state dict (under FSDP2 gathered from the shards onto the
   CPU), so ``from_pretrained`` and ``dopd eval`` read it as they read any model;
 - ``optimizer/``: ``torch.distributed.checkpoint`` (DCP) of AdamW's state, sharded like the parameters
-  (each rank writes its own shards), with the LR schedule and the fp16 loss scaler;
+  (each rank writes its own shards), with the LR schedule, the fp16 loss scaler and an EMA self's weights;
 - ``rng/rank-<r>.pt``: every RNG state rank r's steps read;
 - ``trainer_state.pt``: step, world size, ``--parallel`` and the config, written by rank 0 last.
 
@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from dopd.checkpoint import STATE_FILE, list_checkpoints, rng_state, seed_all, set_rng_state
+from dopd.checkpoint import STATE_FILE, list_checkpoints, load_state, rng_state, seed_all, set_rng_state
 from dopd.distributed import DistContext
 from dopd.parallel import full_state_dict
 
@@ -47,12 +47,14 @@ class ResumeInfo:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _training_state(student: torch.nn.Module, optimizer: Any, scheduler: Any, scaler: Any) -> dict[str, Any]:
-    """The DCP state dict: the optimizer's (keyed by parameter names, sharded like them), schedule, scaler."""
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+def _training_state(student: torch.nn.Module, optimizer: Any, scheduler: Any, scaler: Any,
+                    models: dict[str, torch.nn.Module]) -> dict[str, Any]:
+    """The DCP state dict: the optimizer's (keyed by parameter names, sharded like them), schedule, scaler,
+    and the weights of ``models`` (e.g. an EMA self; sharded or not, as they are)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     return {"optimizer": get_optimizer_state_dict(student, optimizer), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict()}
+            "scaler": scaler.state_dict(), **{name: get_model_state_dict(m) for name, m in models.items()}}
 
 
 @contextlib.contextmanager
@@ -71,8 +73,11 @@ def _is_sharded(model: torch.nn.Module) -> bool:
 
 def save_checkpoint(output_dir: str, step: int, *, student: torch.nn.Module, tokenizer: Any, optimizer: Any,
                     scheduler: Any, scaler: Any, ctx: DistContext, parallel: str, keep: int,
-                    extra: Optional[dict[str, Any]] = None) -> str:
-    """Write ``checkpoint-<step>`` (every rank calls this) and keep the newest ``keep``; return its path."""
+                    extra: Optional[dict[str, Any]] = None, models: Optional[dict[str, torch.nn.Module]] = None) -> str:
+    """Write ``checkpoint-<step>`` (every rank calls this) and keep the newest ``keep``; return its path.
+
+    ``extra`` (plain data) goes to ``trainer_state.pt``; the weights of ``models`` go with the optimizer's state.
+    """
     import torch.distributed.checkpoint as dcp
 
     final = os.path.join(output_dir, f"checkpoint-{step}")
@@ -82,7 +87,7 @@ def save_checkpoint(output_dir: str, step: int, *, student: torch.nn.Module, tok
         os.makedirs(os.path.join(tmp, RNG_DIR))
     ctx.barrier()
     with _quiet_single_process():
-        dcp.save(_training_state(student, optimizer, scheduler, scaler), checkpoint_id=os.path.join(tmp, OPTIMIZER_DIR),
+        dcp.save(_training_state(student, optimizer, scheduler, scaler, models or {}), checkpoint_id=os.path.join(tmp, OPTIMIZER_DIR),
                  process_group=ctx.group, no_dist=not ctx.enabled)
     torch.save(rng_state(), os.path.join(tmp, RNG_DIR, f"rank-{ctx.rank}.pt"))
     weights = full_state_dict(student, ctx) if _is_sharded(student) else None  # a collective under FSDP2
@@ -102,17 +107,22 @@ def save_checkpoint(output_dir: str, step: int, *, student: torch.nn.Module, tok
 
 
 def load_checkpoint(path: str, *, student: torch.nn.Module, optimizer: Any, scheduler: Any, scaler: Any,
-                    ctx: DistContext, seed: int, log: Callable[[str], None]) -> ResumeInfo:
-    """Restore optimizer, schedule, scaler and RNG from ``path`` (every rank calls this; the student's weights
-    were loaded from the same directory). Call it last in set-up: it sets the RNG state step 1 reads."""
+                    ctx: DistContext, seed: int, log: Callable[[str], None],
+                    models: Optional[dict[str, torch.nn.Module]] = None) -> ResumeInfo:
+    """Restore optimizer, schedule, scaler, the weights of ``models`` and the RNG from ``path`` (every rank
+    calls this; the student's weights were loaded from the same directory). Call it last in set-up: it sets
+    the RNG state step 1 reads."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-    meta = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=False)
-    state = _training_state(student, optimizer, scheduler, scaler)
+    meta = load_state(path)
+    models = models or {}
+    state = _training_state(student, optimizer, scheduler, scaler, models)
     with _quiet_single_process():
         dcp.load(state, checkpoint_id=os.path.join(path, OPTIMIZER_DIR), process_group=ctx.group, no_dist=not ctx.enabled)
     set_optimizer_state_dict(student, optimizer, state["optimizer"])
+    for name, model in models.items():
+        set_model_state_dict(model, state[name])
     scheduler.load_state_dict(state["scheduler"])
     if state["scaler"]:
         scaler.load_state_dict(state["scaler"])

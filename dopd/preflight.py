@@ -35,11 +35,13 @@ from dopd.precision import Precision
 
 
 def route_config(config: TrainConfig) -> Any:
-    """The loss's RouteConfig: the preset, then ``config.loss``; the loss temperature defaults to the
-    sampling temperature (module docstring). Bad ``--loss`` options are a ConfigError naming them."""
+    """The loss's RouteConfig: the preset, then ``config.loss`` (``routes``: a table replacing the
+    preset's); the loss temperature defaults to the sampling temperature (module docstring). Bad
+    ``--loss`` options are a ConfigError naming them."""
     from dopd_kernels import RouteConfig
 
     options = {"temperature": config.temperature, **config.loss}
+    routes = options.pop("routes", None)  # a custom route table replaces the preset's (e.g. an ablation)
     valid = sorted(f.name for f in dataclasses.fields(RouteConfig) if f.name not in ("routes", "stats_group"))
     unknown = sorted(set(options) - set(valid))
     if unknown:
@@ -47,6 +49,7 @@ def route_config(config: TrainConfig) -> Any:
         raise ConfigError(f"--loss {key}={options[key]}: unknown loss option {key!r}; valid keys: {', '.join(valid)}")
     try:
         route = RouteConfig.preset(config.preset, **options)
+        route = route if routes is None else route.replace(routes=routes)
     except (TypeError, ValueError) as err:
         given = ", ".join(f"{k}={v!r}" for k, v in config.loss.items()) or f"temperature={config.temperature!r}"
         raise ConfigError(f"--loss {given}: {err}") from None

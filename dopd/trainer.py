@@ -1,9 +1,9 @@
 """The step loop: rollouts -> three contexts -> three hidden-state passes -> routed loss -> AdamW.
 
 One optimizer step takes ``grad_accum`` micro-batches of ``prompts_per_step`` prompts, each with
-``num_generations`` sampled responses. The teacher is frozen; the self pass is the live student under
-no_grad with the privileged context. Data order is a function of (seed, micro-step) alone, and the RNG
-state is checkpointed, so ``--resume`` reproduces an uninterrupted run exactly.
+``num_generations`` sampled responses. The teacher is frozen; the self pass runs under no_grad with the
+privileged context, on the live student or a frozen/EMA copy (``dopd.self_model``). Data order is a
+function of (seed, micro-step) alone, and the RNG state is checkpointed, so ``--resume`` reproduces an uninterrupted run exactly.
 Everything that can be checked without weights is checked first (``dopd.preflight``); dtypes follow
 ``dopd.precision`` (fp32 masters, autocast compute); logit post-processing follows ``passes.logit_transform``.
 
@@ -39,6 +39,7 @@ from dopd.parallel import clip_grad_norm, grad_scaler, no_sync, shard_frozen, wr
 from dopd.passes import build_pass_batch, output_projection, response_hidden, verify_logit_transform
 from dopd.preflight import check_flags, check_run, route_config  # noqa: F401  (route_config: re-exported)
 from dopd.rollout import Rollout
+from dopd.self_model import make_self_model
 from dopd.step_metrics import global_metrics, rank_loss_weight
 
 
@@ -112,9 +113,12 @@ class Trainer:
         load_to = torch.device("cpu") if self.fsdp else self.device
         self.student = load_causal_lm(student_path, prec.param_dtype, load_to, trainable=True)
         self.teacher = load_causal_lm(cfg.teacher, prec.frozen_dtype, load_to, trainable=False)
-        # A frozen self is the *initial* student (cfg.student, also after --resume), never trained.
-        self.self_model = (load_causal_lm(cfg.student, prec.frozen_dtype, load_to, trainable=False)
-                           if cfg.self_model == "frozen" else None)
+        # A frozen self is the *initial* student (cfg.student, also after --resume), never trained; an
+        # EMA self starts as the student (in the masters' dtype) and follows it after every optimizer step.
+        # Either is sharded like the teacher below.
+        self.self_model, self.self_ema = make_self_model(
+            cfg.self_model, cfg.self_ema_decay, self.student,
+            lambda: load_causal_lm(cfg.student, prec.frozen_dtype, load_to, trainable=False))
         # The configs promised these logits; check on a few tokens that the loaded classes agree.
         verify_logit_transform(self.student, self.transforms["student_transform"], f"--student {cfg.student}")
         verify_logit_transform(self.teacher, self.transforms["teacher_transform"], f"--teacher {cfg.teacher}")
@@ -138,8 +142,12 @@ class Trainer:
         self.step = 0
         if self.resume_from:  # last: it sets the RNG state that step 1 reads
             info = load_checkpoint(self.resume_from, student=self.student, optimizer=self.optimizer,
-                                   scheduler=self.scheduler, scaler=self.scaler, ctx=ctx, seed=cfg.seed, log=self.log)
+                                   scheduler=self.scheduler, scaler=self.scaler, ctx=ctx, seed=cfg.seed, log=self.log,
+                                   models=self._checkpointed_models())
             self.step = info.step
+            if self.self_ema is not None:
+                ema = info.extra["self_ema"]
+                self.self_ema.decay, self.self_ema.updates = float(ema["decay"]), int(ema["updates"])
             self.log(f"resumed from {self.resume_from} at step {self.step}")
         self.metrics: Optional[MetricsLogger] = None
         if ctx.is_main:
@@ -244,6 +252,8 @@ class Trainer:
         self.scaler.step(self.optimizer)  # fp16: skipped when the scaled gradients overflowed
         self.scaler.update()
         self.scheduler.step()
+        if self.self_ema is not None:
+            self.self_ema.update(self.student)
         self.step += 1
         merged = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
         merged["n_tokens"] = sum(r["n_tokens"] for r in rows)  # over all ranks
@@ -254,10 +264,17 @@ class Trainer:
 
     def save(self) -> str:
         """Checkpoint the current step (every rank calls this)."""
+        extra: dict[str, Any] = {"config": self.config.to_dict()}
+        if self.self_ema is not None:  # its weights go with the optimizer state (sharded like the student's)
+            extra["self_ema"] = {"decay": self.self_ema.decay, "updates": self.self_ema.updates}
         return save_checkpoint(self.config.output_dir, self.step, student=self.student, tokenizer=self.tokenizer,
                                optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler, ctx=self.dist,
                                parallel=self.config.parallel if self.dist.enabled else "none",
-                               keep=self.config.keep_checkpoints, extra={"config": self.config.to_dict()})
+                               keep=self.config.keep_checkpoints, extra=extra, models=self._checkpointed_models())
+
+    def _checkpointed_models(self) -> dict[str, torch.nn.Module]:
+        """Models besides the student whose weights a checkpoint keeps (through DCP): the EMA self."""
+        return {"self_ema": self.self_ema.model} if self.self_ema is not None else {}
 
     def train(self) -> dict[str, Any]:
         """Run to ``max_steps`` (from the resumed step); returns accuracy before/after when evaluated."""

@@ -63,8 +63,8 @@ def tiny_setup(num_prompts: int) -> tuple[Any, Any, Any, Any]:
     tokenizer = build_char_tokenizer()
     template = PromptTemplate(use_chat_template=False)
     # The teacher's vocabulary is padded to a multiple of 16 (64 rows for the student's 56): DOPD allows it.
-    teacher = supervised_train(SPECS["tiny"]["teacher"], tokenizer, template)
-    student = supervised_train(SPECS["tiny"]["student"], tokenizer, template)
+    teacher = supervised_train(SPECS["tiny"]["teacher"], tokenizer, template, make_problems)
+    student = supervised_train(SPECS["tiny"]["student"], tokenizer, template, make_problems)
     rows = [{"prompt": p.prompt + "\n", "privileged_context": p.privileged}
             for p in make_problems(num_prompts, seed=1)]
     return student, teacher, tokenizer, Dataset.from_list(rows)

@@ -70,16 +70,21 @@ def step_config(cfg: TrainConfig, **kw) -> TrainConfig:
     return replace(cfg, **{**base, **kw})
 
 
-def full_grads_and_params(trainer: Trainer) -> tuple[dict, dict]:
-    """The student's whole gradients and parameters (every rank must call this under FSDP2)."""
+def _whole(t: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
-    def whole(t):
-        return (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu().clone()
+    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu().clone()
 
-    grads = {n: whole(p.grad) for n, p in trainer.student.named_parameters() if p.grad is not None}
-    params = {n: whole(p) for n, p in trainer.student.named_parameters()}
-    return grads, params
+
+def whole_params(model: torch.nn.Module) -> dict:
+    """``model``'s parameters, whole (every rank must call this under FSDP2)."""
+    return {n: _whole(p) for n, p in model.named_parameters()}
+
+
+def full_grads_and_params(trainer: Trainer) -> tuple[dict, dict]:
+    """The student's whole gradients and parameters (every rank must call this under FSDP2)."""
+    grads = {n: _whole(p.grad) for n, p in trainer.student.named_parameters() if p.grad is not None}
+    return grads, whole_params(trainer.student)
 
 
 def torchrun(args: Sequence[str], timeout: float, cwd: str, env: dict) -> tuple[int, str, float]:

@@ -1,8 +1,8 @@
 """Worker of test_distributed.py, one process per rank under ``torchrun --nproc_per_node 2`` (gloo, CPU).
 
-    dopd_dist_worker.py step   OUT CONFIG.json  one step with fixed rollouts per (parallel, self model);
+    dopd_dist_worker.py step   OUT CONFIG.json  one step with fixed rollouts per (parallel, self model, reduction);
                                                 local routing statistics; a non-finite loss on rank 1
-    dopd_dist_worker.py resume OUT CONFIG.json  4 steps straight vs 2 + resume + 2, ddp and fsdp
+    dopd_dist_worker.py resume OUT CONFIG.json  4 steps straight vs 2 + resume + 2, ddp and fsdp (EMA self)
     dopd_dist_worker.py fail   MODE -- ARGS     ``dopd train ARGS`` with rank 1 failing at step 1:
                                                 MODE raise (bad data) or hang (never answers)
 
@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _dist_common import FixedRolloutTrainer, full_grads_and_params, step_config  # noqa: E402
+from _dist_common import FixedRolloutTrainer, full_grads_and_params, step_config, whole_params  # noqa: E402
 
 from dopd.config import TrainConfig, apply_overrides  # noqa: E402
 from dopd.distributed import DistContext, init_distributed, shutdown  # noqa: E402
@@ -53,7 +53,8 @@ def one_step(trainer: FixedRolloutTrainer) -> dict:
     layout = {"student_head_rows": rows_here(trainer.student.get_output_embeddings().weight),
               "teacher_head_rows": rows_here(trainer.teacher.get_output_embeddings().weight),
               "teacher_embed_rows": rows_here(trainer.teacher.get_input_embeddings().weight)}
-    return {"layout": layout, "row": row, "grads": seen["grads"], "params": params, "route": out.route.cpu(),
+    ema = whole_params(trainer.self_ema.model) if trainer.self_ema is not None else None
+    return {"layout": layout, "row": row, "ema": ema, "grads": seen["grads"], "params": params, "route": out.route.cpu(),
             "thresholds": {k: v.detach().cpu() for k, v in out.thresholds.items()},
             "stats_group": trainer.loss_config.stats_group is not None}
 
@@ -63,7 +64,7 @@ def run_step(out_dir: str, config_path: str) -> None:
     ctx = init_distributed("cpu", 120)
     results = {}
     for parallel in ("ddp", "fsdp"):
-        for self_model in ("frozen", "live"):
+        for self_model in ("frozen", "live", "ema"):
             name = f"{parallel}-{self_model}"
             run = step_config(cfg, parallel=parallel, self_model=self_model, output_dir=os.path.join(out_dir, name))
             results[name] = one_step(FixedRolloutTrainer(run, log=_silent))
@@ -128,8 +129,10 @@ def run_resume(out_dir: str, config_path: str) -> None:
 
     for parallel in ("ddp", "fsdp"):
         root = os.path.join(out_dir, parallel)
+        # fsdp with an EMA self: its sharded weights go through the checkpoint too
         common = dict(max_steps=4, save_every=2, keep_checkpoints=5, eval_data=None, grad_accum=2, prompts_per_step=2,
-                      num_generations=2, progress=False, parallel=parallel)
+                      num_generations=2, progress=False, parallel=parallel,
+                      self_model="ema" if parallel == "fsdp" else cfg.self_model)
         Trainer(replace(cfg, **common, output_dir=os.path.join(root, "straight")), log=_silent).train()
         if ctx.is_main:  # "interrupted" after step 2: a fresh directory holding only what existed then
             shutil.copytree(os.path.join(root, "straight", "checkpoint-2"), os.path.join(root, "resumed", "checkpoint-2"))

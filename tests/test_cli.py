@@ -50,7 +50,8 @@ def test_no_model_means_embedded_default_config():
 @pytest.mark.parametrize("overrides, message", [
     ({"max_steps": 0}, "max_steps"), ({"temperature": 0.0}, "temperature"), ({"top_p": 1.5}, "top_p"),
     ({"preset": "nope"}, "preset"), ({"student": "s"}, "together"), ({"bogus": 1}, "unknown"),
-    ({"self_model": "ema"}, "self_model"),
+    ({"self_model": "average"}, "self_model"), ({"self_ema_decay": 1.0}, "self_ema_decay"),
+    ({"task": "nope"}, "task"), ({"task_size": "huge"}, "task_size"),
 ])
 def test_bad_config_values(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -123,7 +124,7 @@ def test_default_task_two_steps_through_cli(tmp_path, capsys, one_thread):
                 "q_teacher_mean", "student_entropy", "tokens_per_s", "lr", "grad_norm"):
         assert key in train_rows[0], key
     assert abs(sum(train_rows[0][f"frac/{r}"] for r in ("LH", "LL", "HT", "HS")) - 1.0) < 1e-6
-    assert sum("eval/accuracy" in r for r in rows) == 2  # before and after
+    assert sum("eval/accuracy" in r for r in rows) == 3  # before, after step 1 (tiny: eval_every 1), after
     assert os.path.isfile(out / "checkpoint-2" / "model.safetensors")
     assert json.load(open(out / "config.json"))["self_model"] == "frozen"  # the embedded task's anchor
     # The teacher is cached: a second run reuses it (and runs the paper's live self).

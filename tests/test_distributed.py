@@ -1,12 +1,14 @@
 """``dopd train`` on 2 CPU processes under torchrun (gloo), against 1 process on the union of their work.
 
 - one optimizer step with fixed rollouts: gradients (clipped), parameters, loss and metrics on 2 ranks equal
-  1 rank on the union of the rollouts, for ddp and fsdp, with a frozen and a live self, seq_mean and token_mean;
+  1 rank on the union of the rollouts, for ddp and fsdp, with a frozen, live and EMA self (the EMA's update
+  too), seq_mean and token_mean;
 - fp16 under FSDP2: an overflow in one rank's gradient shard skips the step on every rank;
 - routes with global statistics equal the 1-rank routes on the union; with --local-routing-stats, each
   rank's equal 1-rank routes on its share;
 - a non-finite loss on one rank stops every rank before the step, naming the rank;
-- resume: 4 steps straight == 2 + resume + 2 (ddp, fsdp); a 2-rank checkpoint resumes on 1 process, resharded;
+- resume: 4 steps straight == 2 + resume + 2 (ddp, fsdp with an EMA self); a 2-rank checkpoint resumes on 1
+  process, resharded;
 - the README's commands (``torchrun --standalone --nproc_per_node 2 -m dopd train --task-size tiny ...``) for
   fsdp and ddp: exit 0, one metrics.jsonl with the route fields, a loadable checkpoint;
 - a rank that fails, or hangs, stops both processes with a clear error within the timeout.
@@ -27,7 +29,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _dist_common import HERE, FixedRolloutTrainer, full_grads_and_params, step_config, torchrun  # noqa: E402
+from _dist_common import (HERE, FixedRolloutTrainer, full_grads_and_params, step_config, torchrun,  # noqa: E402
+                          whole_params)
 
 from dopd.tasks.default import default_task_config, prepare_default_task  # noqa: E402
 from dopd.trainer import Trainer, batch_indices  # noqa: E402
@@ -43,8 +46,8 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    cfg = replace(default_task_config(), task_size="tiny", cache_dir=str(root / "cache"), output_dir=str(root / "task"),
-                  progress=False, max_new_tokens=12)
+    cfg = replace(default_task_config(size="tiny"), task_size="tiny", cache_dir=str(root / "cache"),
+                  output_dir=str(root / "task"), progress=False, max_new_tokens=12)
     cfg, _ = prepare_default_task(cfg, log=lambda s: None)
     (root / "config.json").write_text(json.dumps(cfg.to_dict()))
     yield root, cfg
@@ -74,7 +77,7 @@ def one_rank(tiny):
     """One process on the union of the two ranks' prompts and rollouts, for each variant (self model or reduction)."""
     root, cfg = tiny
     results = {}
-    for variant in ("frozen", "live", "token_mean"):
+    for variant in ("frozen", "live", "ema", "token_mean"):
         extra = {"loss": {"reduction": "token_mean"}} if variant == "token_mean" else {"self_model": variant}
         trainer = FixedRolloutTrainer(step_config(cfg, **extra, output_dir=str(root / f"one-{variant}")),
                                       log=lambda s: None)
@@ -90,11 +93,12 @@ def one_rank(tiny):
         row = trainer.train_step()
         out = trainer.outputs[-1]
         results[variant] = {"row": row, "grads": seen["grads"], "params": full_grads_and_params(trainer)[1],
-                            "route": out.route, "thresholds": out.thresholds, "trainer": trainer, "start": start}
+                            "route": out.route, "thresholds": out.thresholds, "trainer": trainer, "start": start,
+                            "ema": whole_params(trainer.self_ema.model) if trainer.self_ema is not None else None}
     return results
 
 
-@pytest.mark.parametrize("variant", ["frozen", "live", "token_mean"])  # self model, or the token_mean reduction
+@pytest.mark.parametrize("variant", ["frozen", "live", "ema", "token_mean"])  # self model, or the token_mean reduction
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_rank_step_equals_one_rank_step_on_the_union(two_ranks, one_rank, parallel, variant):
     ref, got = one_rank[variant], two_ranks[0][f"{parallel}-{variant}"]
@@ -113,6 +117,11 @@ def test_two_rank_step_equals_one_rank_step_on_the_union(two_ranks, one_rank, pa
     for key in ("loss", "grad_norm", "n_tokens", "frac/HT", "frac/HS", "frac/LH", "frac/LL", "loss/HT",
                 "student_entropy", "response_len", "adv_gap_mean"):
         assert got["row"][key] == pytest.approx(ref["row"][key], rel=1e-5, abs=1e-9), key
+    if variant == "ema":  # the EMA self after its update from the stepped student (sharded like it under fsdp)
+        assert got["ema"].keys() == ref["ema"].keys()
+        for name, p in ref["ema"].items():
+            torch.testing.assert_close(got["ema"][name], p, rtol=0, atol=1e-7, msg=name)
+        assert any(not torch.equal(p, start[name]) for name, p in ref["ema"].items())
     if parallel == "fsdp":  # the student's head and the teacher's body are sharded; the teacher's head is whole
         vocab_s, vocab_t = ref["params"]["lm_head.weight"].shape[0], ref["trainer"].teacher.lm_head.weight.shape[0]
         assert got["layout"]["student_head_rows"] == vocab_s // 2
@@ -179,7 +188,7 @@ def test_resume_on_two_ranks_and_resharded_on_one(tiny):
     shutil.copytree(out / "fsdp" / "straight" / "checkpoint-2", single / "checkpoint-2")
     logs = []
     trainer = Trainer(replace(cfg, max_steps=3, eval_data=None, grad_accum=2, prompts_per_step=2, num_generations=2,
-                              output_dir=str(single), resume=True), log=logs.append)
+                              self_model="ema", output_dir=str(single), resume=True), log=logs.append)
     trainer.setup()
     assert trainer.step == 2 and any("resuming a checkpoint of 2 rank(s) on 1" in line for line in logs)
     dcp_to_torch_save(single / "checkpoint-2" / "optimizer", single / "whole.pt")
@@ -189,6 +198,12 @@ def test_resume_on_two_ranks_and_resharded_on_one(tiny):
         assert float(state["step"]) == 2
         assert torch.equal(state["exp_avg"], saved["exp_avg"]) and torch.equal(state["exp_avg_sq"], saved["exp_avg_sq"])
     assert trainer.scheduler.last_epoch == 2
+    # The EMA self's shards, gathered onto one process: 2 updates behind, and not the student.
+    student = load_file(out / "fsdp" / "straight" / "checkpoint-2" / "model.safetensors")
+    assert trainer.self_ema.updates == 2
+    for name, p in trainer.self_ema.model.state_dict().items():
+        assert torch.equal(p, whole["self_ema"][name]), name
+    assert any(not torch.equal(whole["self_ema"][k], v) for k, v in student.items())
     trainer.train()
     assert trainer.step == 3
 
@@ -214,15 +229,17 @@ def test_readme_torchrun_command(tiny, parallel):
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     train = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train] == [1, 2]
+    run = json.load(open(out / "config.json"))
+    responses = run["prompts_per_step"] * run["num_generations"]  # over both ranks
     for row in train:
         assert abs(sum(row[f"frac/{k}"] for k in ("LH", "LL", "HT", "HS")) - 1) < 1e-9
         for key in ("loss/HT", "loss/HS", "threshold/adv_gap_bar", "tokens_per_s", "grad_norm", "student_entropy"):
             assert key in row, key
-        # 16 prompts x 4 responses over both ranks, each response counted once
-        assert row["n_tokens"] >= 64 and row["response_len"] * 64 == pytest.approx(row["n_tokens"])
-    assert [r["eval/n"] for r in rows if "eval/n" in r] == [8, 8]  # sharded evaluation, gathered
+        assert row["n_tokens"] >= responses and row["response_len"] * responses == pytest.approx(row["n_tokens"])
+    evals = [r["eval/n"] for r in rows if "eval/n" in r]
+    assert len(evals) >= 2 and set(evals) == {8}  # the tiny held-out split, sharded over the ranks and gathered
     model = AutoModelForCausalLM.from_pretrained(out / "checkpoint-2")
-    initial = AutoModelForCausalLM.from_pretrained(json.load(open(out / "config.json"))["student"] or cfg.student)
+    initial = AutoModelForCausalLM.from_pretrained(run["student"])
     trained, start = model.state_dict(), initial.state_dict()
     assert trained.keys() == start.keys()
     assert all(trained[k].shape == start[k].shape for k in trained)

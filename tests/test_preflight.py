@@ -110,9 +110,9 @@ def test_cuda_flags_without_a_gpu(pair, capsys, no_weights, monkeypatch):
 
 
 def test_embedded_task_checks_flags_before_training_its_teacher(tmp_path, capsys, monkeypatch):
-    import dopd.tasks.default as default
+    from dopd.tasks.base import BuiltinTask
 
-    monkeypatch.setattr(default, "prepare_default_task", lambda *a, **k: pytest.fail("the teacher was prepared"))
+    monkeypatch.setattr(BuiltinTask, "prepare", lambda *a, **k: pytest.fail("the teacher was prepared"))
     out = tmp_path / "run"
     assert main(["train", "--loss", "topk=64", "--output-dir", str(out), "--cache-dir", str(tmp_path / "c")]) == 2
     assert "--loss topk=64" in _one_error_line(capsys, "train")

@@ -1,9 +1,10 @@
-"""Tiny Llama-style teacher and student for the embedded task, and their brief supervised training.
+"""Tiny Llama-style teachers and students for the built-in tasks, and their brief supervised training.
 
-Both models share the code-built character tokenizer. The teacher is larger and trained longer, so it
-masters the task; the student is smaller and only warm-started (it learns the response format and part
-of the addition table), so it is clearly worse and has something to learn from distillation.
-Trained models are cached on disk, keyed by a hash of everything that determines them.
+Both models share the code-built character tokenizer. A task supplies the worked examples (a
+``sample(n, seed)`` function returning problems with ``prompt``, ``privileged`` and ``solution(hinted)``);
+its teacher is larger and trained longer, its student smaller and only warm-started, so that the student
+is clearly worse and has something to learn from distillation. Trained models are cached on disk,
+keyed by a hash of everything that determines them (the task's name and version included).
 """
 
 from __future__ import annotations
@@ -13,18 +14,31 @@ import json
 import os
 import random
 from dataclasses import asdict, dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from dopd.data import PromptTemplate, Record
 from dopd.passes import left_pad
-from dopd.tasks.chain import make_problems
 from dopd.tasks.tokenizer import ALPHABET
 
-#: Bump when the task or the training recipe changes, so stale caches are not reused.
-RECIPE_VERSION = 1
+#: Bump when the training recipe changes, so stale caches are not reused (tasks have their own version).
+RECIPE_VERSION = 2
+
+
+class WorkedProblem(Protocol):
+    """What supervised training needs from a task's problem."""
+
+    prompt: str
+    privileged: str
+
+    def solution(self, hinted: bool) -> str:
+        """The worked response (``hinted``: the response a solver that reads the hint writes)."""
+
+
+#: ``sample(n, seed)``: n problems for one SFT step, never from the task's held-out split.
+Sampler = Callable[[int, int], Sequence[WorkedProblem]]
 
 
 @dataclass(frozen=True)
@@ -53,9 +67,9 @@ class ModelSpec:
             eos_token_id=tokenizer.eos_token_id, rms_norm_eps=1e-5,
         )
 
-    def cache_key(self, tokenizer: Any, template: PromptTemplate) -> str:
-        """A short hash of everything that determines the trained weights."""
-        blob = json.dumps({"spec": asdict(self), "alphabet": ALPHABET, "recipe": RECIPE_VERSION,
+    def cache_key(self, tokenizer: Any, template: PromptTemplate, task_key: str) -> str:
+        """A short hash of everything that determines the trained weights (``task_key``: name and version)."""
+        blob = json.dumps({"spec": asdict(self), "alphabet": ALPHABET, "recipe": RECIPE_VERSION, "task": task_key,
                            "template": asdict(template), "vocab": len(tokenizer)}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -68,14 +82,15 @@ def default_cache_dir() -> str:
     return os.path.join(base, "dopd")
 
 
-def _sft_batch(problems: list, tokenizer: Any, template: PromptTemplate, rng: random.Random,
+def _sft_batch(problems: Sequence[WorkedProblem], tokenizer: Any, template: PromptTemplate, rng: random.Random,
                hint_fraction: float) -> dict[str, torch.Tensor]:
     """Context + solution + EOS per problem; labels only on the solution and EOS."""
     seqs, labels = [], []
     for p in problems:
         rec = Record(prompt=p.prompt, privileged=p.privileged)
-        ctx = template.encode(tokenizer, [rec], privileged=rng.random() < hint_fraction)[0]
-        resp = tokenizer(p.solution, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        hinted = rng.random() < hint_fraction
+        ctx = template.encode(tokenizer, [rec], privileged=hinted)[0]
+        resp = tokenizer(p.solution(hinted), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         seqs.append(ctx + resp)
         labels.append([-100] * len(ctx) + resp)
     ids, attn = left_pad(seqs, tokenizer.pad_token_id)
@@ -84,8 +99,10 @@ def _sft_batch(problems: list, tokenizer: Any, template: PromptTemplate, rng: ra
             "position_ids": (attn.cumsum(1) - 1).clamp(min=0)}
 
 
-def supervised_train(spec: ModelSpec, tokenizer: Any, template: PromptTemplate, log: Any = None) -> LlamaForCausalLM:
-    """Build a model from ``spec`` and train it on worked solutions (AdamW, cosine); deterministic per seed."""
+def supervised_train(spec: ModelSpec, tokenizer: Any, template: PromptTemplate, sample: Sampler,
+                     log: Any = None) -> LlamaForCausalLM:
+    """Build a model from ``spec`` and train it on ``sample``'s worked solutions (AdamW, cosine);
+    deterministic per seed."""
     torch.manual_seed(spec.seed)
     model = LlamaForCausalLM(spec.llama_config(tokenizer))
     opt = torch.optim.AdamW(model.parameters(), lr=spec.sft_lr, weight_decay=0.0)
@@ -95,7 +112,7 @@ def supervised_train(spec: ModelSpec, tokenizer: Any, template: PromptTemplate, 
     model.train()
     for step in range(spec.sft_steps):
         # Fresh problems every step (seed offset keeps them away from the evaluation seeds).
-        batch = _sft_batch(make_problems(spec.sft_batch, seed=10_000_000 + spec.seed * 100_000 + step),
+        batch = _sft_batch(sample(spec.sft_batch, 10_000_000 + spec.seed * 100_000 + step),
                            tokenizer, template, rng, spec.hint_fraction)
         loss = model(**batch).loss
         opt.zero_grad(set_to_none=True)
@@ -110,16 +127,20 @@ def supervised_train(spec: ModelSpec, tokenizer: Any, template: PromptTemplate, 
 
 
 def trained_model(role: str, spec: ModelSpec, tokenizer: Any, template: PromptTemplate,
-                  cache_dir: Optional[str], log: Any = print) -> str:
-    """Return the path of ``role``'s trained model, training and caching it on first use."""
+                  cache_dir: Optional[str], sample: Sampler, task_key: str, log: Any = print) -> str:
+    """Return the path of ``role``'s trained model, training and caching it on first use.
+
+    ``task_key`` (the task's name and version) is part of the cache key, so a changed task never
+    reuses another task's (or an older version's) weights.
+    """
     root = cache_dir or default_cache_dir()
-    path = os.path.join(root, f"{role}-{spec.cache_key(tokenizer, template)}")
+    path = os.path.join(root, f"{task_key}-{role}-{spec.cache_key(tokenizer, template, task_key)}")
     if os.path.isfile(os.path.join(path, "DONE")):
         log(f"{role}: cached at {path}")
         return path
     log(f"{role}: supervised training ({spec.sft_steps} steps, hidden {spec.hidden_size}, "
         f"{spec.num_layers} layers) -> {path}")
-    model = supervised_train(spec, tokenizer, template, log=log)
+    model = supervised_train(spec, tokenizer, template, sample, log=log)
     tmp = path + f".tmp{os.getpid()}"
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
