@@ -25,9 +25,9 @@ def _parser() -> argparse.ArgumentParser:
     # given) and already states the field's real default in its help.
     tr = sub.add_parser(
         "train", help="distil a student (no arguments: the embedded default task)", parents=[common],
-        epilog="Without --student/--teacher/--data the embedded task runs, with defaults of its own for some flags "
-               "(README: 'The embedded default'). Several processes: torchrun --nproc_per_node N -m dopd train ... "
-               "(README: 'Several GPUs').")
+        epilog="Without --student/--teacher/--data a built-in task runs (--task), with defaults of its own for "
+               "some flags (README: 'Built-in tasks'). Several processes: torchrun --nproc_per_node N -m dopd train "
+               "... (README: 'Several GPUs').")
     tr.add_argument("--config", help="YAML file of TrainConfig fields (flags override it)")
     add_config_flags(tr)
     ev = sub.add_parser("eval", help="greedy accuracy of a model on held-out prompts", parents=[common])
