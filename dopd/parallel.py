@@ -1,10 +1,10 @@
 """DDP and FSDP2 around the trainer's models, and the few operations that change with them.
 
 ``--parallel ddp``: the student (inside :class:`dopd.distill.DistillModule`) is wrapped in
-``DistributedDataParallel``; teacher and frozen self are plain replicas in eval mode without gradients.
+``DistributedDataParallel``; teacher and a frozen or EMA self are plain replicas in eval mode without gradients.
 
 ``--parallel fsdp``: FSDP2 (``fully_shard``) on every decoder block and then the root, for the student and
-for the teacher and a frozen self (no gradients), with :meth:`dopd.precision.Precision.mp_policy` (compute
+for the teacher and a frozen or EMA self (no gradients), with :meth:`dopd.precision.Precision.mp_policy` (compute
 dtype parameters, fp32 gradient reduction), so that a teacher too large for one GPU fits across the ranks.
 The student's root is the DistillModule, whose forward also runs the routed loss: its lm_head is unsharded
 there. A frozen model's root is its transformer body; its lm_head stays whole on every rank (the loss

@@ -140,3 +140,13 @@ def test_every_train_flag_has_one_line_of_help_and_its_default_once(capsys):
         assert "(default: None)" not in entry, entry
     assert len([e for e in entries if "(default:" in e]) == len(FIELD_HELP)
     assert "--parallel {ddp,fsdp}" in text and "--local-routing-stats" in text and "--dist-timeout" in text
+
+
+def test_compare_refuses_torchrun(monkeypatch, tmp_path, capsys):
+    from dopd.cli import main
+
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(key, value)
+    assert main(["compare", "--output-dir", str(tmp_path / "c"), "--task-size", "tiny"]) == 2
+    assert "dopd compare: error: dopd compare runs its jobs as separate processes" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
