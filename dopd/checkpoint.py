@@ -1,10 +1,9 @@
-"""Checkpoints: the student (``save_pretrained``) plus optimizer, scheduler and RNG state.
+"""Checkpoints: where they are, which are complete, and the RNG states they carry.
 
-Layout: ``DIR/checkpoint-<step>/`` holds the student's weights and tokenizer, and ``trainer_state.pt``
-with the step, optimizer, scheduler and every RNG the step consumes (torch CPU/CUDA, Python, NumPy).
-Restoring all of them makes a resumed run take the same samples and the same updates as an
-uninterrupted one. The directory is written under a temporary name and renamed, so a crash mid-save
-never leaves a checkpoint that looks complete.
+Writing and reading them (any number of ranks, ``torch.distributed.checkpoint``) is
+``dopd.dist_checkpoint``'s job; its docstring describes the layout. A checkpoint counts as complete once
+its ``trainer_state.pt`` exists: that file is written last, under a temporary directory name that is
+renamed only when every rank has finished, so a crash mid-save never leaves a checkpoint that looks complete.
 """
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ from __future__ import annotations
 import os
 import random
 import re
-import shutil
 from typing import Any, Optional
 
 import torch
@@ -47,21 +45,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
         np.random.set_state(state["numpy"])
 
 
-def save_checkpoint(output_dir: str, step: int, model: Any, tokenizer: Any, optimizer: Any, scheduler: Any,
-                    keep: int, extra: Optional[dict[str, Any]] = None) -> str:
-    """Write ``checkpoint-<step>`` and delete all but the newest ``keep`` checkpoints; return its path."""
-    final = os.path.join(output_dir, f"checkpoint-{step}")
-    tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": rng_state(), **(extra or {})}, os.path.join(tmp, STATE_FILE))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in list_checkpoints(output_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+def seed_all(seed: int) -> None:
+    """Seed every RNG :func:`rng_state` captures (torch CPU and CUDA, Python, NumPy)."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:
+        pass
 
 
 def list_checkpoints(output_dir: str) -> list[str]:
@@ -83,5 +76,6 @@ def latest_checkpoint(output_dir: str) -> Optional[str]:
 
 
 def load_state(path: str) -> dict[str, Any]:
-    """Read ``trainer_state.pt`` of a checkpoint (it holds Python RNG tuples, so not weights-only)."""
+    """Read ``trainer_state.pt`` of a checkpoint: step, world size, ``--parallel`` and the run's extra data
+    (config, EMA counters). Optimizer, schedule and RNG are ``dopd.dist_checkpoint``'s to restore."""
     return torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=False)

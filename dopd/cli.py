@@ -9,16 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 import warnings
 from typing import Optional, Sequence
 
 from dopd.config import ConfigError, add_config_flags, flag_overrides, resolve_config
-
-
-TEMPERATURE_HELP = ("sampling temperature of the rollouts; the loss and routing use the same one unless "
-                    "--loss temperature=T is given (a warning then says that they differ)")
-DTYPE_HELP = ("float32, or mixed precision: bfloat16 | float16 compute (autocast) over fp32 master weights and "
-              "optimizer state; teacher and frozen self stored in that dtype")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,32 +23,35 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     # No ArgumentDefaultsHelpFormatter: every config flag defaults to None (it overrides nothing unless
     # given) and already states the field's real default in its help.
-    tr = sub.add_parser("train", help="distil a student (no arguments: the embedded default task)", parents=[common])
+    tr = sub.add_parser(
+        "train", help="distil a student (no arguments: the embedded default task)", parents=[common],
+        epilog="Without --student/--teacher/--data a built-in task runs (--task), with defaults of its own for "
+               "some flags (README: 'Built-in tasks'). Several processes: torchrun --nproc_per_node N -m dopd train "
+               "... (README: 'Several GPUs').")
     tr.add_argument("--config", help="YAML file of TrainConfig fields (flags override it)")
     add_config_flags(tr)
-    for action in tr._actions:  # the two flags whose meaning needs more than their default
-        if action.dest == "temperature":
-            action.help = f"{TEMPERATURE_HELP} (default: 1.0)"
-        elif action.dest == "dtype":
-            action.help, action.choices = f"{DTYPE_HELP} (default: float32)", ("float32", "bfloat16", "float16")
     ev = sub.add_parser("eval", help="greedy accuracy of a model on held-out prompts", parents=[common])
     ev.add_argument("--model", required=True, help="path or id of the model to evaluate")
     ev.add_argument("--data", required=True, help="JSON lines with prompt and answer")
-    ev.add_argument("--tokenizer", help="defaults to the model's")
-    ev.add_argument("--max-new-tokens", type=int, default=256)
-    ev.add_argument("--batch-size", type=int, default=64)
-    ev.add_argument("--limit", type=int, default=0, help="evaluate only the first N records (0: all)")
-    ev.add_argument("--answer-marker", default="####", help="the final answer follows the last marker")
-    ev.add_argument("--student-template", default="{prompt}")
-    ev.add_argument("--response-prefix", default="\n")
-    ev.add_argument("--no-chat-template", action="store_true")
-    ev.add_argument("--device", default="auto")
+    ev.add_argument("--tokenizer", help="tokenizer path or Hub id (default: the model's)")
+    ev.add_argument("--max-new-tokens", type=int, default=256, help="longest response, in tokens (default: 256)")
+    ev.add_argument("--batch-size", type=int, default=64, help="prompts per generate call (default: 64)")
+    ev.add_argument("--limit", type=int, default=0, help="evaluate only the first N records (default: 0: all)")
+    ev.add_argument("--answer-marker", default="####",
+                    help="the final answer follows the last marker (default: '####')")
+    ev.add_argument("--student-template", default="{prompt}",
+                    help="the model's context; {prompt} is replaced (default: '{prompt}')")
+    ev.add_argument("--response-prefix", default="\n",
+                    help="appended to contexts when the tokenizer has no chat template (default: '\\n')")
+    ev.add_argument("--no-chat-template", action="store_true",
+                    help="do not render contexts through the tokenizer's chat template")
+    ev.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: 'auto')")
     ev.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                    help="the model's weights and compute dtype (bfloat16 halves the memory)")
-    ev.add_argument("--output", help="write the result as JSON here")
+                    help="the model's weights and compute dtype; bfloat16 halves the memory (default: 'float32')")
+    ev.add_argument("--output", help="write the result as JSON here (default: none)")
     pl = sub.add_parser("plot", help="draw route fractions, loss and accuracy of a run into a PNG", parents=[common])
     pl.add_argument("dir", help="the run's output directory (holds metrics.jsonl)")
-    pl.add_argument("--out", help="PNG path (default DIR/training.png)")
+    pl.add_argument("--out", help="PNG path (default: DIR/training.png)")
     from dopd.compare import add_compare_parser
 
     add_compare_parser(sub, parents=[common])
@@ -61,10 +59,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from dopd.distributed import init_distributed, rank_device, shutdown
     from dopd.preflight import check_flags
+    from dopd.trainer import check_world
 
     config = resolve_config(args.config, flag_overrides(args))
-    check_flags(config, warn=False)  # the flags alone, before the embedded task trains its teacher (minutes)
+    # Under torchrun: join the other ranks (NCCL on cuda:LOCAL_RANK, gloo on CPU); else a single process.
+    ctx = init_distributed(config.device, config.dist_timeout)
+    check_world(config, ctx)
+    # The flags alone, before the embedded task trains its teacher (minutes).
+    check_flags(dataclasses.replace(config, device=rank_device(config.device, ctx.local_rank if ctx.enabled else None)),
+                warn=False)
     embedded = config.is_embedded_default
     if embedded:
         import os
@@ -77,18 +84,23 @@ def _train(args: argparse.Namespace) -> int:
             # The tiny models' matrices are too small to split across threads: synchronisation
             # costs more than it saves (10x slower on a busy 2-core machine), so use one thread.
             torch.set_num_threads(1)
-        config, reference = get_task(config.task).prepare(config)
+        # Rank 0 trains (or loads from the cache) the tiny models and writes the data; the other ranks take
+        # its paths (several nodes: --cache-dir and --output-dir on a filesystem they share).
+        prepared = get_task(config.task).prepare(config) if ctx.is_main else None
+        config, reference = ctx.broadcast_object(prepared)
     from dopd.trainer import Trainer
 
-    summary = Trainer(config).train()
-    before, after = summary.get("accuracy_before"), summary.get("accuracy_after")
-    print(f"checkpoint: {summary['checkpoint']}")
-    if after is not None:
-        first = f"{before:.3f} -> " if before is not None else ""
-        print(f"student accuracy ({config.preset}): {first}{after:.3f}")
-    if embedded:
-        print(f"teacher accuracy without the hint: {reference['teacher_accuracy']:.3f} "
-              f"(held-out split, for reference; the student never sees the hint)")
+    summary = Trainer(config, dist=ctx).train()
+    if ctx.is_main:
+        before, after = summary.get("accuracy_before"), summary.get("accuracy_after")
+        print(f"checkpoint: {summary['checkpoint']}")
+        if after is not None:
+            first = f"{before:.3f} -> " if before is not None else ""
+            print(f"student accuracy ({config.preset}): {first}{after:.3f}")
+        if embedded:
+            print(f"teacher accuracy without the hint: {reference['teacher_accuracy']:.3f} "
+                  f"(held-out split, for reference; the student never sees the hint)")
+    shutdown(ctx)
     return 0
 
 
@@ -147,6 +159,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from dopd.data import DataError
     from dopd.modeling import CompatibilityError
 
+    from dopd.distributed import DistContext, failure_message, is_collective_failure
+
     try:
         with warnings.catch_warnings():  # one line per warning, like the errors (restored on return)
             warnings.showwarning = lambda message, category, *_a, **_k: print(
@@ -160,8 +174,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.debug:
             raise
         message = " ".join(str(err).split()) or type(err).__name__  # one line, whatever the library wrote
-        print(f"dopd {args.command}: error: {message}", file=sys.stderr)
+        ctx = DistContext.current()
+        where = f"{ctx.describe()}: " if ctx.enabled else ""
+        print(f"dopd {args.command}: error: {where}{message}", file=sys.stderr)
         return 2
+    except Exception as err:
+        ctx = DistContext.current()
+        if args.debug or not ctx.enabled:
+            raise  # a single process: the traceback, as ever
+        # One of several ranks: say which one and why, on one line. The launcher (torchrun) then stops the
+        # others; a rank waiting in a collective for this one fails at once (gloo) or after --dist-timeout.
+        if not (isinstance(err, FloatingPointError) or is_collective_failure(err)):
+            traceback.print_exc()  # unexpected: keep the traceback above the summary line
+        print(f"dopd {args.command}: error: {failure_message(err, ctx)}", file=sys.stderr, flush=True)
+        return 1
 
 
 if __name__ == "__main__":

@@ -288,6 +288,12 @@ def run_compare_command(args: argparse.Namespace) -> int:
     """``dopd compare``: parse, check everything before any model is built, run, print the table."""
     import yaml
 
+    from dopd.distributed import launched_by_torchrun
+
+    if launched_by_torchrun() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("dopd compare runs its jobs as separate processes on one machine (--jobs); launch it "
+                          "without torchrun (each job is an ordinary single-process `dopd train`)")
+
     if args.seeds < 1:
         raise ConfigError(f"seeds must be >= 1, got {args.seeds}")
     if args.jobs < 0:

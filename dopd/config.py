@@ -18,6 +18,7 @@ import yaml
 
 PRESETS = ("dopd", "vanilla_opd", "vanilla_opd_sampled", "gkd", "opsd", "sdpo")
 SELF_MODELS = ("live", "frozen", "ema")
+PARALLEL = ("ddp", "fsdp")
 
 
 class ConfigError(ValueError):
@@ -76,6 +77,10 @@ class TrainConfig:
     eval_limit: int = 0  # 0: all eval records
     eval_batch_size: int = 64
     answer_marker: str = "####"
+    # Several processes (torchrun; ignored by a plain single-process run).
+    parallel: str = "ddp"  # ddp | fsdp (FSDP2: student and teacher sharded per decoder layer)
+    local_routing_stats: bool = False  # routing statistics per rank instead of over the global batch
+    dist_timeout: float = 1800.0  # seconds a collective may wait for the other ranks before failing
     # Checkpoints.
     save_every: int = 0  # 0: only the final checkpoint
     keep_checkpoints: int = 2
@@ -111,6 +116,10 @@ class TrainConfig:
             raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.report_to not in ("none", "tensorboard", "wandb"):
             raise ConfigError(f"report_to must be none, tensorboard or wandb, got {self.report_to!r}")
+        if self.parallel not in PARALLEL:
+            raise ConfigError(f"parallel must be one of {PARALLEL}, got {self.parallel!r}")
+        if not self.dist_timeout > 0:
+            raise ConfigError(f"dist_timeout must be > 0 seconds, got {self.dist_timeout}")
         from dopd.tasks.registry import TASK_SIZES, task_names  # names only: no task module is imported
 
         if self.task_size not in TASK_SIZES:
@@ -201,25 +210,32 @@ def _loss_option(text: str) -> tuple[str, Any]:
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """Add one flag per TrainConfig field; unset flags stay ``None`` so that they override nothing."""
+    """Add one flag per TrainConfig field, with one line of help and the field's default (stated once).
+
+    Unset flags stay ``None`` so that they override nothing (hence no argparse defaults: the help text
+    carries the real one, from ``dopd.config_help``).
+    """
+    from dopd.config_help import DEFAULT_TEXT, FIELD_HELP
+
     hints = typing.get_type_hints(TrainConfig)
+    choices = {"preset": PRESETS, "self_model": SELF_MODELS, "parallel": PARALLEL,
+               "dtype": ("float32", "bfloat16", "float16"), "report_to": ("none", "tensorboard", "wandb")}
     for name, f in _FIELDS.items():
         flag = "--" + name.replace("_", "-")
         typ = hints[name]
         if typing.get_origin(typ) is typing.Union:  # Optional[X]
             typ = next(a for a in typing.get_args(typ) if a is not type(None))
-        helptext = f"(default: {f.default!r})" if f.default is not dataclasses.MISSING else None
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        shown = DEFAULT_TEXT.get(name) or (" ".join(map(str, default)) if isinstance(default, tuple) else repr(default))
+        helptext = f"{FIELD_HELP[name]} (default: {shown})".replace("%", "%%")
         if name == "loss":
-            parser.add_argument(flag, type=_loss_option, action="append", metavar="KEY=VALUE",
-                                help="a RouteConfig field, e.g. top_k=64 (repeatable)")
+            parser.add_argument(flag, type=_loss_option, action="append", metavar="KEY=VALUE", help=helptext)
         elif name == "adam_betas":
             parser.add_argument(flag, type=float, nargs=2, metavar=("B1", "B2"), help=helptext)
         elif typ is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=helptext)
-        elif name == "preset":
-            parser.add_argument(flag, choices=PRESETS, help=helptext)
         else:
-            parser.add_argument(flag, type=typ, help=helptext)
+            parser.add_argument(flag, type=typ, choices=choices.get(name), help=helptext)
 
 
 def flag_overrides(args: argparse.Namespace) -> dict[str, Any]:

@@ -28,11 +28,23 @@ class EmaSelf:
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
-        """One EMA step toward ``model``'s current weights: ``e <- decay * e + (1 - decay) * w``."""
-        for ema_p, p in zip(self.model.parameters(), model.parameters()):
-            ema_p.lerp_(p.detach().to(ema_p.dtype), 1.0 - self.decay)
-        for ema_b, b in zip(self.model.buffers(), model.buffers()):
-            ema_b.copy_(b)
+        """One EMA step toward ``model``'s current weights: ``e <- decay * e + (1 - decay) * w``.
+
+        Parameters and buffers are matched by name. Under FSDP2 (``dopd.parallel``) the EMA's blocks are
+        sharded like the student's (the step runs on each rank's shards) and its lm_head is whole where the
+        student's is sharded: that one is gathered (``full_tensor``, a collective: every rank calls update).
+        """
+        from torch.distributed.tensor import DTensor
+
+        theirs = dict(model.named_parameters(remove_duplicate=False))  # a tied head under both names
+        for name, ema_p in self.model.named_parameters():
+            p = theirs[name].detach()
+            if isinstance(p, DTensor) and not isinstance(ema_p, DTensor):
+                p = p.full_tensor()
+            ema_p.lerp_(p.to(ema_p.dtype), 1.0 - self.decay)
+        their_buffers = dict(model.named_buffers())
+        for name, ema_b in self.model.named_buffers():
+            ema_b.copy_(their_buffers[name])
         self.updates += 1
 
     def state_dict(self) -> dict[str, Any]:

@@ -96,7 +96,7 @@ def test_live_self_pass_has_no_gradient_path_and_aligned_signals(tiny):
     """The live self is the student under no_grad with the hint: its loss and gradients equal those with a
     detached copy of the student as the self, and q_self is the hinted pass's probability of each token."""
     from dopd.passes import build_pass_batch
-    from dopd.trainer import Trainer, distill_loss
+    from dopd.trainer import Trainer
 
     root, cfg = tiny
     trainer = Trainer(replace(cfg, preset="sdpo", output_dir=str(root / "live")), log=lambda s: None)
@@ -106,8 +106,8 @@ def test_live_self_pass_has_no_gradient_path_and_aligned_signals(tiny):
     for self_model in (None, copy.deepcopy(trainer.student).requires_grad_(False)):
         trainer.student.zero_grad(set_to_none=True)
         torch.manual_seed(11)
-        out, _ = distill_loss(trainer.student, trainer.teacher, trainer.tokenizer, trainer.template, recs, cfg,
-                              trainer.loss_config, self_model)
+        trainer.self_model = self_model  # None: the live student through its wrapped forward
+        out, _ = trainer.micro_batch(recs)
         out.loss.backward()
         results.append((out, {n: p.grad.clone() for n, p in trainer.student.named_parameters() if p.grad is not None}))
     (live, g_live), (copied, g_copy) = results

@@ -120,8 +120,8 @@ def test_trainer_logprobs_are_the_models_own(tmp_path, monkeypatch, family, back
     trainer.setup()
     assert trainer.transforms["student_transform"] == _configs()[family][1]
     rollouts = []
-    real_generate = trainer_mod.generate
-    monkeypatch.setattr(trainer_mod, "generate", lambda *a, **k: rollouts.append(real_generate(*a, **k)) or rollouts[-1])
+    real_rollout = trainer.rollout
+    monkeypatch.setattr(trainer, "rollout", lambda *a, **k: rollouts.append(real_rollout(*a, **k)) or rollouts[-1])
     records = trainer.records
     out, _ = trainer.micro_batch(records)
     roll = rollouts[0]
