@@ -22,9 +22,18 @@ if TYPE_CHECKING:
 Tensor = torch.Tensor
 
 
+#: The CUDA kernels' largest K (csrc/cuda/launch.h: kMaxTopK); the CPU kernels have no limit.
+CUDA_MAX_TOP_K = 4096
+
+
+def _k_fits(t: Tensor, k: int) -> bool:
+    """Whether the ops take a top-K of ``k`` on ``t``'s device."""
+    return t.device.type != "cuda" or k <= CUDA_MAX_TOP_K
+
+
 def chunk_stats(z: Tensor, targets: Tensor, top_k: int) -> Optional[tuple[Tensor, Tensor, Tensor, Tensor]]:
     """(lse, target logit, top-K values, top-K ids) of a (C, V) chunk in one pass, or None without the extension."""
-    if not ext.usable(z):
+    if not (ext.usable(z) and _k_fits(z, top_k) and z.stride(1) == 1):
         return None
     return ext.row_stats(z, targets, top_k)
 
@@ -94,7 +103,11 @@ def topk_rows(rows: Tensor, *, route: Tensor, student_hidden: Tensor, student: "
     One op call per route: the student's logits at the source's K ids, the divergence, and d hidden, d W, d b
     added into ``grads`` by the op (no (C, K, H) gathered rows, no index_add).
     """
-    if not (ext.usable(student.weight) and stats.topk_vals.dtype == torch.float32):
+    if not (ext.usable(student.weight) and stats.topk_vals.dtype == torch.float32
+            and _k_fits(student.weight, stats.topk_idx.shape[1])):
+        return False
+    # the op reads W and b by row with unit stride (a transposed view, e.g. a tied head stored as (H, V), is not)
+    if student.weight.stride(1) != 1 or (student.bias is not None and not student.bias.is_contiguous()):
         return False
     if grads.hidden is not None and grads.hidden.dtype != torch.float32:
         return False

@@ -72,3 +72,32 @@ def test_info_command(capsys):
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
     assert "(built;" in out and '"key"' in out
+
+
+def test_cpu_kernels_run_on_torchs_openmp_pool():
+    """Without -fopenmp, at::parallel_for is a serial loop: the ops would run on one thread whatever torch says.
+    The build links OpenMP where torch has it, and the process then holds one OpenMP runtime (torch's)."""
+    require_ext()
+    import torch
+
+    if not (sys.platform.startswith("linux") and torch.backends.openmp.is_available()):
+        pytest.skip("torch without OpenMP: the ops run serially, as torch's own parallel_for does")
+    spec = build_module.current_spec()
+    assert "-fopenmp" in spec.cflags
+    assert b"GOMP_parallel" in spec.library.read_bytes()  # the parallel regions call into libgomp
+    with open("/proc/self/maps") as maps:
+        runtimes = {line.split()[-1] for line in maps if "libgomp" in line}
+    assert len(runtimes) == 1, runtimes
+
+
+def test_a_damaged_marker_leaves_the_torch_code(tmp_path, monkeypatch):
+    """A marker that does not parse (e.g. read while another process writes it) is a warning, not an import error."""
+    spec = build_module.current_spec()
+    fake = build_module.BuildSpec(spec.source_dir, spec.sources, spec.cflags, spec.cuda_cflags, spec.with_cuda,
+                                  spec.key, tmp_path / "build")
+    fake.directory.mkdir()
+    fake.marker.write_text("{not json")
+    fake.library.write_bytes(b"")
+    monkeypatch.setattr(ext, "_loaded", None)
+    with pytest.warns(UserWarning, match="could not load"):
+        assert ext.load(fake) is False

@@ -162,9 +162,13 @@ def test_cuda_tensors_with_the_ops_match_reference(calls, preset):
     assert calls["row_stats"]
 
 
+@pytest.mark.parametrize("transform", [None, (0.5, None), (0.5, 3.0)], ids=["identity", "scale", "softcap"])
 @pytest.mark.parametrize("device", ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
-def test_triton_statistics_in_cuda_mode_match_the_fused_kernel(device):
+def test_triton_statistics_in_cuda_mode_match_the_fused_kernel(device, transform):
     pytest.importorskip("triton")
+    from dopd_kernels import LogitTransform
+
+    tf = LogitTransform() if transform is None else LogitTransform(scale=transform[0], softcap=transform[1])
     require_ext()
     if device == "cuda" and not ext_module.has_cuda():
         pytest.skip("the extension was built without CUDA kernels (no nvcc?)")
@@ -174,9 +178,21 @@ def test_triton_statistics_in_cuda_mode_match_the_fused_kernel(device):
     h, w = torch.randn(37, 24, generator=g).to(device), torch.randn(61, 24, generator=g).to(device)
     b, y = torch.randn(61, generator=g).to(device), torch.randint(0, 53, (37,), generator=g).to(device)
     w[7] = w[3]  # exact ties between ids 3 and 7
-    ref = fused_linear_stats(h, w, b, y, vocab=53, inv_tau=0.7, top_k=5, impl="fused")
-    out = fused_linear_stats(h, w, b, y, vocab=53, inv_tau=0.7, top_k=5, impl="cuda")
+    b[11] = float("-inf")  # a masked entry stays -inf under the soft-cap
+    ref = fused_linear_stats(h, w, b, y, vocab=53, inv_tau=0.7, top_k=5, impl="fused", transform=tf)
+    out = fused_linear_stats(h, w, b, y, vocab=53, inv_tau=0.7, top_k=5, impl="cuda", transform=tf)
     torch.testing.assert_close(out.lse, ref.lse)
     torch.testing.assert_close(out.target_logit, ref.target_logit)
     torch.testing.assert_close(out.topk_vals, ref.topk_vals)
     assert torch.equal(out.topk_idx, ref.topk_idx)
+
+
+def test_a_transposed_weight_view_takes_the_torch_code_for_top_k_rows(calls):
+    """A head stored as (H, V) and passed as ``.T`` has no unit stride along H: the top-K op cannot read its rows,
+    so those rows keep the torch code instead of raising; the statistics still use the ops."""
+    inp = make_inputs(dtype=torch.float32, vt=40)
+    inp.student_weight = inp.student_weight.T.contiguous().T
+    assert inp.student_weight.stride(1) != 1
+    with ext_module.forced(True):
+        _compare(inp, RouteConfig.preset("dopd", top_k=5, chunk_size=8))
+    assert calls["row_stats"] and not calls["topk_divergence"]

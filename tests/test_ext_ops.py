@@ -32,6 +32,8 @@ def _rows(case: str, c: int, v: int, g: torch.Generator) -> torch.Tensor:
         z = torch.full((c, v), float("-inf"), dtype=torch.float64).scatter(1, keep, z.gather(1, keep))
     elif case == "signed_zero":
         z = torch.randint(-1, 2, (c, v), generator=g).double() * torch.where(torch.rand(c, v, generator=g) < 0.5, -0.0, 1.0)
+    elif case == "all_neg_inf":  # whole rows of -inf (a vocabulary shard masked whole): lse -inf, ids in order
+        z[::3] = float("-inf")
     elif case == "huge":
         z = z * 3e3
     elif case == "sorted":
@@ -46,7 +48,7 @@ def _ref_row_stats(z: torch.Tensor, y: torch.Tensor, k: int, scale: float):
     return torch.logsumexp(x, 1), x.gather(1, y[:, None]).squeeze(1), vals[:, :k], idx[:, :k]
 
 
-CASES = ["random", "ties", "equal", "neg_inf", "few_finite", "signed_zero", "huge", "sorted"]
+CASES = ["random", "ties", "equal", "neg_inf", "few_finite", "all_neg_inf", "signed_zero", "huge", "sorted"]
 
 
 @pytest.mark.parametrize("device", devices())

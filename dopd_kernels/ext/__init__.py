@@ -83,14 +83,15 @@ def load(spec: Optional[BuildSpec] = None) -> bool:
     spec = spec or current_spec()
     if not spec.ready():
         return False
-    try:
+    try:  # whatever goes wrong here (a library built for another torch, a damaged marker), the package works on
+        with_cuda = bool(json.loads(spec.marker.read_text()).get("with_cuda"))
         torch.ops.load_library(str(spec.library))
-    except OSError as err:
-        warnings.warn(f"dopd extension: could not load {spec.library} ({err}); using the torch code. "
+    except Exception as err:  # noqa: BLE001 -- the import must not fail because of an optional build
+        warnings.warn(f"dopd extension: could not load {spec.library} ({err!r}); using the torch code. "
                       "Rebuild with: python -m dopd_kernels.ext build --force")
         return False
     ops.register_fakes()
-    _cuda_kernels = bool(json.loads(spec.marker.read_text()).get("with_cuda"))
+    _cuda_kernels = with_cuda
     _loaded = spec
     return True
 

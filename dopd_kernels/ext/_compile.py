@@ -16,7 +16,7 @@ def main() -> None:
     started = time.monotonic()
     print(f"dopd extension: compiling {len(job['sources'])} sources into {job['directory']}", flush=True)
     path = cpp_extension.load(
-        name=job["name"], sources=job["sources"], extra_cflags=job["cflags"],
+        name=job["name"], sources=job["sources"], extra_cflags=job["cflags"], extra_ldflags=job.get("ldflags") or None,
         extra_cuda_cflags=job["cuda_cflags"] or None, build_directory=job["directory"],
         with_cuda=job["with_cuda"], is_python_module=False, verbose=True,
     )

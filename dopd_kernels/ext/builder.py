@@ -57,6 +57,15 @@ def _cpu_flags() -> list[str]:
     return ["-DCPU_CAPABILITY=DEFAULT"]
 
 
+def _openmp_flags() -> list[str]:
+    """-fopenmp where torch itself runs on OpenMP (Linux wheels): without it at::parallel_for compiles to a
+    serial loop (ATen's INTRA_OP_PARALLEL is off). The library then links torch's libgomp.so.1, already loaded
+    by ``import torch``, so one OpenMP runtime and torch's thread count serve both."""
+    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
+        return ["-fopenmp"]
+    return []
+
+
 def _nvcc() -> Optional[str]:
     """nvcc of CUDA_HOME (as torch.utils.cpp_extension finds it), or None."""
     from torch.utils import cpp_extension
@@ -116,7 +125,7 @@ def current_spec(source_dir: Optional[Path] = None, cuda: Optional[bool] = None)
     headers = [s for s in found if s.endswith((".h", ".cuh"))]
     sources = [s for s in found if s.endswith((".cpp", ".cu"))]
     # no implicit FMA contraction: log_softmax must be exactly 0 - logsum at the max (the kernels' comments)
-    cflags = ["-O3", "-DNDEBUG", "-ffp-contract=off", *_cpu_flags()]
+    cflags = ["-O3", "-DNDEBUG", "-ffp-contract=off", *_cpu_flags(), *_openmp_flags()]
     cuda_cflags = ["-O3", "-DNDEBUG"] if cuda else []
     digest = hashlib.sha256()
     for rel in sources + headers:
@@ -150,7 +159,8 @@ def build(force: bool = False, verbose: bool = False, spec: Optional[BuildSpec] 
                 if item.name != ".lock":
                     shutil.rmtree(item) if item.is_dir() else item.unlink()
         job = dict(name=NAME, sources=[str(spec.source_dir / s) for s in spec.sources], cflags=list(spec.cflags),
-                   cuda_cflags=list(spec.cuda_cflags), with_cuda=spec.with_cuda, directory=str(spec.directory))
+                   ldflags=[f for f in spec.cflags if f == "-fopenmp"], cuda_cflags=list(spec.cuda_cflags),
+                   with_cuda=spec.with_cuda, directory=str(spec.directory))
         started = time.monotonic()
         with open(spec.log, "w") as log:
             try:
@@ -164,8 +174,11 @@ def build(force: bool = False, verbose: bool = False, spec: Optional[BuildSpec] 
         if code != 0 or not spec.library.exists():
             raise BuildError(f"dopd extension: the build failed (exit {code}); compiler log: {spec.log}")
         seconds = time.monotonic() - started
-        spec.marker.write_text(json.dumps(dict(key=spec.key, with_cuda=spec.with_cuda, seconds=round(seconds, 1),
-                                               cflags=spec.cflags, torch=torch.__version__)))
+        # written whole, then renamed: an import in another process never reads half a marker
+        partial = spec.marker.with_suffix(".tmp")
+        partial.write_text(json.dumps(dict(key=spec.key, with_cuda=spec.with_cuda, seconds=round(seconds, 1),
+                                           cflags=spec.cflags, torch=torch.__version__)))
+        os.replace(partial, spec.marker)
     return spec
 
 

@@ -14,6 +14,7 @@ import torch
 
 from .. import ext
 from ..chunked_stats import LinearStats
+from ..transform import IDENTITY, LogitTransform
 
 
 def _fp32_logits(h: torch.Tensor, w_t: torch.Tensor, out: torch.Tensor) -> None:
@@ -27,8 +28,14 @@ def _fp32_logits(h: torch.Tensor, w_t: torch.Tensor, out: torch.Tensor) -> None:
 
 
 def ext_linear_stats(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
-                     *, vocab: int, inv_tau: float, top_k: int, chunk: int) -> LinearStats:
-    """As ``fused_linear_stats`` (fp32 outputs, no host sync), in chunks of ``chunk`` rows of fp32 logits."""
+                     *, vocab: int, inv_tau: float, top_k: int, chunk: int,
+                     transform: LogitTransform = IDENTITY) -> LinearStats:
+    """As ``fused_linear_stats`` (fp32 outputs, no host sync), in chunks of ``chunk`` rows of fp32 logits.
+
+    Without a transform the op applies ``inv_tau`` itself (its top-K then orders by the raw logit, as the float64
+    reference does); a model's transform is applied in place on the chunk first (one more pass over it), with the
+    temperature, and the op reads the final logits.
+    """
     device_ok = ext.is_available() and (hidden.device.type == "cpu" or ext.has_cuda())
     if not device_ok:
         raise RuntimeError("stats_impl='cuda' needs the compiled extension with kernels for "
@@ -40,14 +47,18 @@ def ext_linear_stats(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[
     topk_idx = torch.empty(n, top_k, dtype=torch.int64, device=hidden.device)
     logits = torch.empty(min(chunk, max(n, 1)), vocab, **f32)
     w_t = weight[:vocab].T
+    b32 = None if bias is None else bias[:vocab].to(torch.float32)
+    scale = inv_tau if transform.is_identity else 1.0
     for start in range(0, n, chunk):
         rows = min(chunk, n - start)
         z = logits[:rows]
         _fp32_logits(hidden[start:start + rows], w_t, z)
-        if bias is not None:
-            z.add_(bias[:vocab].to(torch.float32))
+        if b32 is not None:
+            z.add_(b32)
+        if not transform.is_identity:
+            transform.apply_(z, inv_tau, b32)
         sl = slice(start, start + rows)
-        lse[sl], tgt[sl], topk_vals[sl], topk_idx[sl] = ext.row_stats(z, targets[sl], top_k, inv_tau)
+        lse[sl], tgt[sl], topk_vals[sl], topk_idx[sl] = ext.row_stats(z, targets[sl], top_k, scale)
     out = LinearStats(lse=lse, target_logit=tgt)
     if top_k:
         out.topk_vals, out.topk_idx = topk_vals, topk_idx

@@ -180,7 +180,7 @@ def fused_linear_stats(
         from .ext_stats import ext_linear_stats
 
         return ext_linear_stats(hidden, weight, bias, targets, vocab=vocab, inv_tau=inv_tau, top_k=top_k,
-                                chunk=blocks.stats_chunk)
+                                chunk=blocks.stats_chunk, transform=transform)
     hidden = hidden.contiguous()
     weight = weight if weight.stride(1) == 1 else weight.contiguous()
     block_v, block_n = blocks.stats_v, blocks.topk_n if top_k else blocks.stats_n
