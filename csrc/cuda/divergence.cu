@@ -101,7 +101,8 @@ __global__ void __launch_bounds__(kRowThreads)
 }
 
 __global__ void __launch_bounds__(kTopkThreads)
-    topk_divergence_kernel(const float* __restrict__ hidden, int64_t hidden_size, const int64_t* __restrict__ rows,
+    topk_divergence_kernel(const float* __restrict__ hidden, int64_t n_hidden, int64_t hidden_size,
+                           const int64_t* __restrict__ rows,
                            const float* __restrict__ weight, int64_t vocab, int64_t stride_w,
                            const float* __restrict__ bias, const int64_t* __restrict__ idx, int k,
                            const float* __restrict__ source_logits, Kind kind, float beta, float scale,
@@ -114,6 +115,7 @@ __global__ void __launch_bounds__(kTopkThreads)
   __shared__ float red_m[T / 32], red_s[T / 32];
   const int64_t r = blockIdx.x;
   const int64_t hidden_row = rows[r];
+  if (hidden_row < 0 || hidden_row >= n_hidden) __trap();  // as the ids: never a silent out-of-bounds read
   const float* h = hidden + hidden_row * hidden_size;
   const int64_t* ids = idx + hidden_row * k;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -170,14 +172,14 @@ int full_divergence(float* student, float* source, int64_t rows, int64_t vocab, 
   return static_cast<int>(cudaGetLastError());
 }
 
-int topk_divergence(const float* hidden, int64_t hidden_size, const int64_t* rows, int64_t n_rows, const float* weight,
-                    int64_t vocab, int64_t stride_w, const float* bias, const int64_t* idx, int64_t k,
+int topk_divergence(const float* hidden, int64_t n_hidden, int64_t hidden_size, const int64_t* rows, int64_t n_rows,
+                    const float* weight, int64_t vocab, int64_t stride_w, const float* bias, const int64_t* idx, int64_t k,
                     const float* source_logits, Kind kind, float beta, float scale, float logit_scale,
                     float softcap, const float* grad_scale, float* value, float* hidden_grad, float* weight_grad,
                     float* bias_grad, void* stream) {
   if (n_rows == 0) return 0;
   topk_divergence_kernel<<<static_cast<unsigned>(n_rows), kTopkThreads, 2 * k * sizeof(float),
-                           static_cast<cudaStream_t>(stream)>>>(hidden, hidden_size, rows, weight, vocab, stride_w,
+                           static_cast<cudaStream_t>(stream)>>>(hidden, n_hidden, hidden_size, rows, weight, vocab, stride_w,
                                                                 bias, idx, static_cast<int>(k), source_logits, kind,
                                                                 beta, scale, logit_scale, softcap, grad_scale, value,
                                                                 hidden_grad, weight_grad, bias_grad);

@@ -20,8 +20,8 @@ int full_divergence(float* student, float* source, int64_t rows, int64_t vocab, 
                     const int64_t* targets, Kind kind, float beta, float scale, float softcap,
                     const float* grad_scale, float* value, float* target_logprob, void* stream);
 
-int topk_divergence(const float* hidden, int64_t hidden_size, const int64_t* rows, int64_t n_rows, const float* weight,
-                    int64_t vocab, int64_t stride_w, const float* bias, const int64_t* idx, int64_t k,
+int topk_divergence(const float* hidden, int64_t n_hidden, int64_t hidden_size, const int64_t* rows, int64_t n_rows,
+                    const float* weight, int64_t vocab, int64_t stride_w, const float* bias, const int64_t* idx, int64_t k,
                     const float* source_logits, Kind kind, float beta, float scale, float logit_scale,
                     float softcap, const float* grad_scale, float* value, float* hidden_grad, float* weight_grad,
                     float* bias_grad, void* stream);

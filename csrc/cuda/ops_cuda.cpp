@@ -75,9 +75,11 @@ at::Tensor topk_divergence_cuda(const at::Tensor& hidden, const at::Tensor& rows
                         weight_grad, bias_grad, logit_scale, softcap);
   TORCH_CHECK(idx.size(1) <= cuda::kMaxTopK, "dopd::topk_divergence: K must be <= ", cuda::kMaxTopK, " on CUDA");
   check_grid(rows.size(0));
-  // ids outside [0, V) stop the kernel (no host sync to check them here); rows may repeat (atomic d hidden)
+  // ids outside [0, V) and rows outside [0, N) stop the kernel (no host sync to check them here); rows may
+  // repeat on CUDA (atomic d hidden), the CPU kernel refuses repeats: callers pass distinct rows
   at::Tensor value = at::empty({rows.size(0)}, hidden.options());
-  check_launch(cuda::topk_divergence(hidden.data_ptr<float>(), hidden.size(1), rows.data_ptr<int64_t>(), rows.size(0),
+  check_launch(cuda::topk_divergence(hidden.data_ptr<float>(), hidden.size(0), hidden.size(1), rows.data_ptr<int64_t>(),
+                                     rows.size(0),
                                      weight.data_ptr<float>(), weight.size(0), weight.stride(0),
                                      bias.has_value() ? bias->data_ptr<float>() : nullptr, idx.data_ptr<int64_t>(),
                                      idx.size(1), source_logits.data_ptr<float>(), k, static_cast<float>(beta),
