@@ -178,7 +178,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         where = f"{ctx.describe()}: " if ctx.enabled else ""
         print(f"dopd {args.command}: error: {where}{message}", file=sys.stderr)
         return 2
-    except Exception as err:
+    except (Exception, _checkpoint_exception()) as err:  # torch.distributed.checkpoint's is a BaseException
         ctx = DistContext.current()
         if args.debug or not ctx.enabled:
             raise  # a single process: the traceback, as ever
@@ -188,6 +188,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             traceback.print_exc()  # unexpected: keep the traceback above the summary line
         print(f"dopd {args.command}: error: {failure_message(err, ctx)}", file=sys.stderr, flush=True)
         return 1
+
+
+def _checkpoint_exception() -> type:
+    """torch.distributed.checkpoint's CheckpointException (a BaseException, so ``except Exception`` misses it)."""
+    try:
+        from torch.distributed.checkpoint.api import CheckpointException
+    except ImportError:  # torch built without distributed
+        return Exception
+    return CheckpointException
 
 
 if __name__ == "__main__":

@@ -115,11 +115,22 @@ def load_checkpoint(path: str, *, student: torch.nn.Module, optimizer: Any, sche
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
+    from dopd.config import ConfigError
+
     meta = load_state(path)
     models = models or {}
     state = _training_state(student, optimizer, scheduler, scaler, models)
-    with _quiet_single_process():
-        dcp.load(state, checkpoint_id=os.path.join(path, OPTIMIZER_DIR), process_group=ctx.group, no_dist=not ctx.enabled)
+    sharded = os.path.join(path, OPTIMIZER_DIR)
+    if not os.path.exists(os.path.join(sharded, ".metadata")):  # e.g. a checkpoint of an older dopd
+        raise ConfigError(f"--resume: {path} has no sharded optimizer state ({sharded}/.metadata); it was written "
+                          "by another version of dopd or not completely: start a fresh run or pick another checkpoint")
+    try:
+        with _quiet_single_process():
+            dcp.load(state, checkpoint_id=sharded, process_group=ctx.group, no_dist=not ctx.enabled)
+    except BaseException as err:  # CheckpointException derives from BaseException: name it, one line
+        if isinstance(err, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise ConfigError(f"--resume: reading the sharded state in {sharded} failed: {err}") from err
     set_optimizer_state_dict(student, optimizer, state["optimizer"])
     for name, model in models.items():
         set_model_state_dict(model, state[name])

@@ -104,9 +104,11 @@ class Trainer:
             self.log(f"--resume: no checkpoint in {cfg.output_dir}; starting from step 0")
         student_path = self.resume_from or cfg.student
         # Models: the student in fp32 (the masters), frozen models in the compute dtype (dopd.precision).
-        # Rank r samples with its own seed; rank 0's is the single-process run's.
-        torch.manual_seed(ctx.rank_seed(cfg.seed))
-        random.seed(ctx.rank_seed(cfg.seed))
+        # Loaded under the same seed on every rank: a weight that from_pretrained initializes (a missing key) is
+        # then the same everywhere (DDP re-broadcasts only the student). Rank r > 0 switches to its own sampling
+        # seed after wrapping, below; rank 0 keeps this stream, so it samples like a single process.
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
         prec = self.precision
         self.fsdp = ctx.enabled and cfg.parallel == "fsdp"
         # FSDP2 moves each rank's shards to the device: load on the CPU so that no rank holds a whole model there.
@@ -131,6 +133,9 @@ class Trainer:
         self.teacher = shard_frozen(self.teacher, ctx, cfg.parallel, self.device, prec)
         if self.self_model is not None:
             self.self_model = shard_frozen(self.self_model, ctx, cfg.parallel, self.device, prec)
+        if ctx.rank != 0:  # rank r samples with its own seed (rank_seed(seed) is seed itself on rank 0)
+            torch.manual_seed(ctx.rank_seed(cfg.seed))
+            random.seed(ctx.rank_seed(cfg.seed))
         from transformers import get_cosine_schedule_with_warmup
 
         # After wrapping: under FSDP2 the parameters are now this rank's DTensor shards (AdamW on the shards).
@@ -248,6 +253,11 @@ class Trainer:
             raise FloatingPointError(f"non-finite loss at step {self.step + 1}{where}: {bad[0][0]}")
         self.scaler.unscale_(self.optimizer)  # clip the true gradients (a no-op without fp16)
         grad_norm = clip_grad_norm(self.student.parameters(), cfg.max_grad_norm)
+        # A finite loss can still give inf/NaN gradients; without fp16's scaler (which skips such a step) they
+        # would write NaN weights on every rank. The norm is global: every rank raises together.
+        if not self.scaler.is_enabled() and not math.isfinite(float(grad_norm)):
+            raise FloatingPointError(f"non-finite gradient norm at step {self.step + 1} (the loss was finite): "
+                                     f"{float(grad_norm)}; the weights were not updated")
         lr = self.scheduler.get_last_lr()[0]
         self.scaler.step(self.optimizer)  # fp16: skipped when the scaled gradients overflowed
         self.scaler.update()

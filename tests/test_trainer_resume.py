@@ -63,3 +63,19 @@ def test_resume_reproduces_uninterrupted_run(tiny_task, dtype):
     # metrics.jsonl of the resumed run continues at step 3 (step 1-2 rows are absent: not in that dir).
     rows = [json.loads(l) for l in open(resumed_dir / "metrics.jsonl")]
     assert [r["step"] for r in rows if "loss" in r] == [3, 4]
+
+
+def test_a_non_finite_gradient_norm_stops_before_the_step(tiny_task, monkeypatch):
+    """A finite loss with inf/NaN gradients (no fp16 scaler to skip the step) raises and leaves the weights."""
+    import dopd.trainer as trainer_module
+
+    root, cfg = tiny_task
+    trainer = Trainer(replace(cfg, max_steps=1, eval_data=None, output_dir=str(root / "nan-grad")), log=lambda s: None)
+    trainer.setup()
+    real = trainer_module.clip_grad_norm
+    monkeypatch.setattr(trainer_module, "clip_grad_norm", lambda params, max_norm: real(params, max_norm) * float("nan"))
+    before = [p.detach().clone() for p in trainer.student.parameters()]
+    with pytest.raises(FloatingPointError, match="non-finite gradient norm at step 1"):
+        trainer.train_step()
+    assert all(torch.equal(a, p.detach()) for a, p in zip(before, trainer.student.parameters()))
+    assert trainer.step == 0
