@@ -13,25 +13,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
+from bench.harness import _timed
 from dopd_kernels import ext
 
 
 def _time(fn, device: str, reps: int) -> float:
+    """Median of ``reps`` timed calls after a warm-up call (synchronized on CUDA)."""
     fn()
-    times = []
-    for _ in range(reps):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(_timed(fn, device) for _ in range(reps))
 
 
 def measure(device: str, rows: int, vocab: int, k: int, reps: int) -> list[tuple[str, float, float]]:
