@@ -116,6 +116,7 @@ def prediction_table(n: int = 16384, hs: int = 2048, ht: int = 4096, vocab: int 
 def _rank_run(rank: int, world: int, init: str, shape: dict, repeats: int, out_dir: str) -> None:
     import torch
     import torch.distributed as dist
+    from dopd.distributed import leave_process_group
 
     from bench.memory import _reset_peak_rss, _status_bytes
     from dopd_kernels import RouteConfig, routed_loss
@@ -166,7 +167,7 @@ def _rank_run(rank: int, world: int, init: str, shape: dict, repeats: int, out_d
     counts = {rid: int((out.route == rid).sum()) for rid in range(4)}
     torch.save(dict(times=times, plain=plain, traffic=dict(comm.TRAFFIC), counts=counts, peak=peak, method=method,
                     sizes=sizes), os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 def measure(ranks: int, shape: dict, repeats: int = 3) -> list[dict]:

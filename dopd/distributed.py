@@ -163,15 +163,33 @@ def init_distributed(device: str, timeout_s: float) -> DistContext:
     return DistContext.current()
 
 
-def shutdown(ctx: DistContext) -> None:
-    """Leave the process group together (after a successful run; a failed one just exits): a rank that tore
-    its connections down while another still used them would make that one fail at exit."""
-    if ctx.enabled:
-        import torch.distributed as dist
+def leave_process_group(timeout_s: float = 300.0) -> None:
+    """Destroy the default process group together with the other ranks (every rank calls this, after its last
+    collective; a failed run just exits).
 
-        if dist.is_initialized():
-            dist.barrier(group=ctx.group)
-            dist.destroy_process_group()
+    A barrier alone is not enough: the rank that finishes it first could close its connections while a peer's
+    transport is still completing the barrier's last messages, and gloo then aborts that peer at exit. So each
+    rank also counts itself out in the rendezvous store (which is not one of the connections being closed) and
+    waits until every rank has: by then all of them are past their last collective.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    world = dist.get_world_size()
+    if world > 1:
+        store = dist.distributed_c10d._get_default_store()
+        if store.add("dopd/leaving", 1) == world:
+            store.set("dopd/left", b"1")
+        store.wait(["dopd/left"], datetime.timedelta(seconds=timeout_s))
+    dist.destroy_process_group()
+
+
+def shutdown(ctx: DistContext) -> None:
+    """Leave the process group together after a successful run (``leave_process_group``)."""
+    if ctx.enabled:
+        leave_process_group()
 
 
 def _timed_out(text: str) -> bool:

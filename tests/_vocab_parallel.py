@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from dopd.distributed import leave_process_group
+
 from _inputs import make_inputs, rel_err
 from _launch_guard import record_launch_guards, unguarded
 
@@ -32,8 +34,10 @@ def _entry(rank: int, worker: Callable, world: int, tmp: str, args: tuple) -> No
     try:
         result = worker(rank, world, *args)
         torch.save(result, os.path.join(tmp, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        dist.destroy_process_group()  # a failed rank just leaves (the others fail in their collectives)
+        raise
+    leave_process_group()  # together: no rank closes its connections while a peer still uses them
 
 
 def run_ranks(worker: Callable, world: int, *args: Any, timeout: float = 240.0) -> list[Any]:

@@ -9,6 +9,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Every process the tests start (spawned ranks, torchrun workers, CLI runs) prints the Python stacks of its
+# threads if it dies on a signal (SIGABRT, SIGSEGV): a crash in a child then says where it happened.
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")
+
 import pytest  # noqa: E402
 
 

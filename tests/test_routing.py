@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from dopd.distributed import leave_process_group
 from dopd_kernels import RouteConfig
 from dopd_kernels.routing import route_tokens
 
@@ -95,7 +96,7 @@ def _rank_main(rank, world, init_file, l_s, l_t, valid, sizes, out_dir):
     lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
     res = route_tokens(l_s[lo:hi], l_t[lo:hi], valid[lo:hi], RouteConfig(stats_group=dist.group.WORLD))
     torch.save(res.route, os.path.join(out_dir, f"route{rank}.pt"))
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 def test_statistics_over_ranks_equal_one_big_batch():
