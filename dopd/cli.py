@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 import warnings
@@ -163,7 +164,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         with warnings.catch_warnings():  # one line per warning, like the errors (restored on return)
-            warnings.showwarning = lambda message, category, *_a, **_k: print(
+            # Under torchrun every rank would print the same warnings: rank 0 speaks for all (as for the logs).
+            quiet_rank = os.environ.get("RANK", "0") != "0"
+            warnings.showwarning = lambda message, category, *_a, **_k: None if quiet_rank else print(
                 f"dopd {args.command}: warning: {message}", file=sys.stderr)
             if args.command == "compare":
                 from dopd.compare import run_compare_command
