@@ -133,6 +133,20 @@ def gathered_blocks(root: torch.nn.Module) -> Iterator[None]:
             m.set_reshard_after_forward(True, recurse=False)
 
 
+def reshard(module: torch.nn.Module) -> None:
+    """Put an FSDP2 root's parameters back into their shards (a no-op without FSDP2).
+
+    FSDP2 leaves a root gathered after its forward, for the backward that follows in training. After a
+    forward without one (evaluation's generation) the root's parameters (embeddings, final norm, lm_head) are
+    still the whole tensors, not the DTensor shards the optimizer holds: a state dict taken then misses them
+    (``get_optimizer_state_dict`` fails with ``KeyError: 0``).
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(module, FSDPModule):
+        module.reshard()
+
+
 def no_sync(module: torch.nn.Module, skip: bool) -> Any:
     """DDP's ``no_sync()`` when ``skip`` (a micro-batch before the last of a step), else a no-op context."""
     return module.no_sync() if skip and hasattr(module, "no_sync") else contextlib.nullcontext()
