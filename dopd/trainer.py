@@ -35,7 +35,7 @@ from dopd.distributed import DistContext, rank_device
 from dopd.evaluate import score, summarize
 from dopd.metrics import MetricsLogger
 from dopd.modeling import load_causal_lm, maybe_apply_liger
-from dopd.parallel import clip_grad_norm, grad_scaler, no_sync, shard_frozen, wrap_student
+from dopd.parallel import clip_grad_norm, grad_scaler, no_sync, reshard, shard_frozen, wrap_student
 from dopd.passes import build_pass_batch, output_projection, response_hidden, verify_logit_transform
 from dopd.preflight import check_flags, check_run, route_config  # noqa: F401  (route_config: re-exported)
 from dopd.rollout import Rollout
@@ -274,6 +274,7 @@ class Trainer:
 
     def save(self) -> str:
         """Checkpoint the current step (every rank calls this)."""
+        reshard(self.student_module)  # e.g. right after an evaluation: the state dicts read the shards
         extra: dict[str, Any] = {"config": self.config.to_dict()}
         if self.self_ema is not None:  # its weights go with the optimizer state (sharded like the student's)
             extra["self_ema"] = {"decay": self.self_ema.decay, "updates": self.self_ema.updates}

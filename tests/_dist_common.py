@@ -70,21 +70,51 @@ def step_config(cfg: TrainConfig, **kw) -> TrainConfig:
     return replace(cfg, **{**base, **kw})
 
 
-def _whole(t: torch.Tensor) -> torch.Tensor:
+def whole_tensor(t: torch.Tensor) -> torch.Tensor:
+    """``t`` whole (gathered from its shards if it is a DTensor: a collective), detached, on the CPU."""
     from torch.distributed.tensor import DTensor
 
     return (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu().clone()
 
 
-def whole_params(model: torch.nn.Module) -> dict:
-    """``model``'s parameters, whole (every rank must call this under FSDP2)."""
-    return {n: _whole(p) for n, p in model.named_parameters()}
+def whole_params(model: torch.nn.Module, every_name: bool = False) -> dict:
+    """``model``'s parameters, whole (every rank must call this under FSDP2). ``every_name``: a shared
+    parameter (a tied lm_head) under each of its names, not only the first."""
+    return {n: whole_tensor(p) for n, p in model.named_parameters(remove_duplicate=not every_name)}
 
 
-def full_grads_and_params(trainer: Trainer) -> tuple[dict, dict]:
+def full_grads_and_params(trainer: Trainer, every_name: bool = False) -> tuple[dict, dict]:
     """The student's whole gradients and parameters (every rank must call this under FSDP2)."""
-    grads = {n: _whole(p.grad) for n, p in trainer.student.named_parameters() if p.grad is not None}
-    return grads, whole_params(trainer.student)
+    named = trainer.student.named_parameters(remove_duplicate=not every_name)
+    grads = {n: whole_tensor(p.grad) for n, p in named if p.grad is not None}
+    return grads, whole_params(trainer.student, every_name)
+
+
+def greedy_responses(trainer: Trainer, prompts: int = 4, max_new_tokens: int = 6) -> torch.Tensor:
+    """The student's greedy responses (tokens, right-padded) to the first ``prompts`` records, generated as the
+    rollouts are: through the wrapped student's forward (every rank must call this under FSDP2)."""
+    contexts = trainer.template.encode(trainer.tokenizer, trainer.records[:prompts], privileged=False)
+    rollout = trainer._generate(None, trainer.tokenizer, contexts, max_new_tokens=max_new_tokens, do_sample=False)
+    return rollout.tokens.cpu()
+
+
+def tie_embeddings(source: str, target: str) -> str:
+    """A copy of the causal LM at ``source`` (and its tokenizer) with ``tie_word_embeddings=True``, saved at
+    ``target``: the head is the input embedding (the embedding's weights are kept, the head's dropped), as in
+    Qwen3-0.6B, Gemma or Llama-3.2-1B."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    untied = AutoModelForCausalLM.from_pretrained(source)
+    config = untied.config
+    config.tie_word_embeddings = True
+    tied = AutoModelForCausalLM.from_config(config)
+    state = {k: v for k, v in untied.state_dict().items() if k != "lm_head.weight"}
+    missing, unexpected = tied.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    assert tied.get_output_embeddings().weight is tied.get_input_embeddings().weight
+    tied.save_pretrained(target)
+    AutoTokenizer.from_pretrained(source).save_pretrained(target)
+    return target
 
 
 def torchrun(args: Sequence[str], timeout: float, cwd: str, env: dict) -> tuple[int, str, float]:

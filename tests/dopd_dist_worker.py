@@ -1,7 +1,10 @@
 """Worker of test_distributed.py, one process per rank under ``torchrun --nproc_per_node 2`` (gloo, CPU).
 
-    dopd_dist_worker.py step   OUT CONFIG.json  one step with fixed rollouts per (parallel, self model, reduction);
-                                                local routing statistics; a non-finite loss on rank 1
+    dopd_dist_worker.py step   OUT CONFIG.json TIED.json
+                                                one step with fixed rollouts per (parallel, self model, reduction);
+                                                local routing statistics; a non-finite loss on rank 1; with the
+                                                tied-embedding models of TIED.json: one step (ddp, fsdp; frozen,
+                                                EMA self), greedy responses after it, and its checkpoint
     dopd_dist_worker.py resume OUT CONFIG.json  4 steps straight vs 2 + resume + 2, ddp and fsdp (EMA self)
     dopd_dist_worker.py fail   MODE -- ARGS     ``dopd train ARGS`` with rank 1 failing at step 1:
                                                 MODE raise (bad data) or hang (never answers)
@@ -21,7 +24,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _dist_common import FixedRolloutTrainer, full_grads_and_params, step_config, whole_params  # noqa: E402
+from _dist_common import (FixedRolloutTrainer, full_grads_and_params, greedy_responses,  # noqa: E402
+                          step_config, whole_params, whole_tensor)
 
 from dopd.config import TrainConfig, apply_overrides  # noqa: E402
 from dopd.distributed import DistContext, init_distributed, shutdown  # noqa: E402
@@ -37,13 +41,18 @@ def _silent(_message: str) -> None:
     pass
 
 
-def one_step(trainer: FixedRolloutTrainer) -> dict:
-    """Set up, run one optimizer step recording the clipped gradients the optimizer sees, and the result."""
+def one_step(trainer: FixedRolloutTrainer, every_name: bool = False) -> dict:
+    """Set up, run one optimizer step recording the clipped gradients the optimizer sees, and the result.
+
+    ``every_name``: a tied head's gradient and weight under both names (lm_head and embed_tokens), and
+    whether they are still one tensor after the step (the student's and an EMA self's).
+    """
     trainer.setup()
     seen = {}
-    trainer.optimizer.register_step_pre_hook(lambda *_: seen.update(grads=full_grads_and_params(trainer)[0]))
+    trainer.optimizer.register_step_pre_hook(
+        lambda *_: seen.update(grads=full_grads_and_params(trainer, every_name)[0]))
     row = trainer.train_step()
-    _, params = full_grads_and_params(trainer)
+    _, params = full_grads_and_params(trainer, every_name)
     out = trainer.outputs[-1]
     from torch.distributed.tensor import DTensor
 
@@ -53,16 +62,32 @@ def one_step(trainer: FixedRolloutTrainer) -> dict:
     layout = {"student_head_rows": rows_here(trainer.student.get_output_embeddings().weight),
               "teacher_head_rows": rows_here(trainer.teacher.get_output_embeddings().weight),
               "teacher_embed_rows": rows_here(trainer.teacher.get_input_embeddings().weight)}
-    ema = whole_params(trainer.self_ema.model) if trainer.self_ema is not None else None
+    ema = whole_params(trainer.self_ema.model, every_name) if trainer.self_ema is not None else None
+    student = trainer.student
+    head, embed = student.get_output_embeddings().weight, student.get_input_embeddings().weight
+    tied = {"same_tensor": head is embed, "equal": torch.equal(whole_tensor(head), whole_tensor(embed)),
+            "config": bool(student.config.tie_word_embeddings)}
     return {"layout": layout, "row": row, "ema": ema, "grads": seen["grads"], "params": params, "route": out.route.cpu(),
             "thresholds": {k: v.detach().cpu() for k, v in out.thresholds.items()},
-            "stats_group": trainer.loss_config.stats_group is not None}
+            "stats_group": trainer.loss_config.stats_group is not None, "tied": tied}
 
 
-def run_step(out_dir: str, config_path: str) -> None:
+def run_step(out_dir: str, config_path: str, tied_config_path: str) -> None:
     cfg = _load_config(config_path)
     ctx = init_distributed("cpu", 120)
     results = {}
+    # Tied embeddings (lm_head is embed_tokens, as in Qwen3, Gemma, Llama-3.2): one step, greedy responses (a
+    # forward without backward, as an evaluation: under fsdp it leaves the root gathered), then the checkpoint
+    # (under fsdp gathered from the shared shard) for the test to reload with transformers.
+    tied_cfg = _load_config(tied_config_path)
+    for parallel in ("ddp", "fsdp"):
+        for self_model in ("frozen", "ema"):
+            name = f"tied-{parallel}-{self_model}"
+            trainer = FixedRolloutTrainer(step_config(tied_cfg, parallel=parallel, self_model=self_model,
+                                                      output_dir=os.path.join(out_dir, name)), log=_silent)
+            results[name] = one_step(trainer, every_name=True)
+            results[name]["greedy"] = greedy_responses(trainer)
+            results[name]["checkpoint"] = trainer.save()
     for parallel in ("ddp", "fsdp"):
         for self_model in ("frozen", "live", "ema"):
             name = f"{parallel}-{self_model}"
@@ -169,7 +194,7 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     what = sys.argv[1]
     if what == "step":
-        run_step(sys.argv[2], sys.argv[3])
+        run_step(sys.argv[2], sys.argv[3], sys.argv[4])
     elif what == "resume":
         run_resume(sys.argv[2], sys.argv[3])
     elif what == "fail":

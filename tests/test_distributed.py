@@ -3,6 +3,9 @@
 - one optimizer step with fixed rollouts: gradients (clipped), parameters, loss and metrics on 2 ranks equal
   1 rank on the union of the rollouts, for ddp and fsdp, with a frozen, live and EMA self (the EMA's update
   too), seq_mean and token_mean;
+- the same with tied embeddings (lm_head is embed_tokens; ddp and fsdp, frozen and EMA self): tied stays tied
+  on both ranks, greedy rollouts after the step agree, and the checkpoint reloads with transformers, tied and
+  with the 1-process logits; it resumes on one process;
 - fp16 under FSDP2: an overflow in one rank's gradient shard skips the step on every rank;
 - routes with global statistics equal the 1-rank routes on the union; with --local-routing-stats, each
   rank's equal 1-rank routes on its share;
@@ -29,8 +32,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _dist_common import (HERE, FixedRolloutTrainer, full_grads_and_params, step_config, torchrun,  # noqa: E402
-                          whole_params)
+from _dist_common import (HERE, FixedRolloutTrainer, full_grads_and_params, greedy_responses,  # noqa: E402
+                          step_config, tie_embeddings, torchrun, whole_params)
 
 from dopd.tasks.default import default_task_config, prepare_default_task  # noqa: E402
 from dopd.trainer import Trainer, batch_indices  # noqa: E402
@@ -63,13 +66,38 @@ def _ranks(path, name):
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tiny):
+def tied(tiny):
+    """The tiny task with tied-embedding models (lm_head is embed_tokens, as in Qwen3-0.6B, Gemma, Llama-3.2):
+    its student and teacher re-saved with ``tie_word_embeddings=True``; (config file, TrainConfig)."""
+    root, cfg = tiny
+    cfg = replace(cfg, student=tie_embeddings(cfg.student, str(root / "tied-student")),
+                  teacher=tie_embeddings(cfg.teacher, str(root / "tied-teacher")))
+    path = root / "tied-config.json"
+    path.write_text(json.dumps(cfg.to_dict()))
+    return path, cfg
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tiny, tied):
     root, _ = tiny
     out = root / "step"
     out.mkdir()
-    rc, output, _ = _launch(root, WORKER, "step", str(out), str(root / "config.json"))
+    rc, output, _ = _launch(root, WORKER, "step", str(out), str(root / "config.json"), str(tied[0]))
     assert rc == 0, output[-6000:]
     return _ranks(out, "step")
+
+
+def _one_process_step(trainer: FixedRolloutTrainer, every_name: bool = False) -> dict:
+    """One step of a set-up trainer on one process: the gradients the optimizer saw, weights before and after."""
+    start = full_grads_and_params(trainer, every_name)[1]
+    seen = {}
+    trainer.optimizer.register_step_pre_hook(
+        lambda *_: seen.update(grads=full_grads_and_params(trainer, every_name)[0]))
+    row = trainer.train_step()
+    out = trainer.outputs[-1]
+    return {"row": row, "grads": seen["grads"], "params": full_grads_and_params(trainer, every_name)[1],
+            "route": out.route, "thresholds": out.thresholds, "trainer": trainer, "start": start,
+            "ema": whole_params(trainer.self_ema.model, every_name) if trainer.self_ema is not None else None}
 
 
 @pytest.fixture(scope="module")
@@ -87,21 +115,33 @@ def one_rank(tiny):
             with torch.no_grad():
                 results["local"] = [trainer.micro_batch([trainer.records[i] for i in idx[r * 2: r * 2 + 2]])[0].route
                                     for r in (0, 1)]
-        start = full_grads_and_params(trainer)[1]
-        seen = {}
-        trainer.optimizer.register_step_pre_hook(lambda *_: seen.update(grads=full_grads_and_params(trainer)[0]))
-        row = trainer.train_step()
-        out = trainer.outputs[-1]
-        results[variant] = {"row": row, "grads": seen["grads"], "params": full_grads_and_params(trainer)[1],
-                            "route": out.route, "thresholds": out.thresholds, "trainer": trainer, "start": start,
-                            "ema": whole_params(trainer.self_ema.model) if trainer.self_ema is not None else None}
+        results[variant] = _one_process_step(trainer)
+    return results
+
+
+@pytest.fixture(scope="module")
+def one_rank_tied(tiny, tied):
+    """As ``one_rank`` with the tied-embedding models (frozen and EMA self), the tied head under both its names."""
+    root, _ = tiny
+    results = {}
+    for variant in ("frozen", "ema"):
+        run = step_config(tied[1], self_model=variant, output_dir=str(root / f"one-tied-{variant}"))
+        trainer = FixedRolloutTrainer(run, log=lambda s: None)
+        trainer.setup()
+        results[variant] = _one_process_step(trainer, every_name=True)
+        results[variant]["greedy"] = greedy_responses(trainer)
     return results
 
 
 @pytest.mark.parametrize("variant", ["frozen", "live", "ema", "token_mean"])  # self model, or the token_mean reduction
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_rank_step_equals_one_rank_step_on_the_union(two_ranks, one_rank, parallel, variant):
-    ref, got = one_rank[variant], two_ranks[0][f"{parallel}-{variant}"]
+    name = f"{parallel}-{variant}"
+    _assert_same_step(one_rank[variant], two_ranks[0][name], two_ranks[1][name], parallel, variant)
+
+
+def _assert_same_step(ref: dict, got: dict, other: dict, parallel: str, variant: str) -> None:
+    """Rank 0's step (``got``) and rank 1's (``other``) equal one process's on the union (``ref``)."""
     assert got["grads"].keys() == ref["grads"].keys() == got["params"].keys()
     # The gradients the optimizer saw (after global clipping): a wrong normalization would be off by a factor.
     for name, g in ref["grads"].items():
@@ -112,7 +152,7 @@ def test_two_rank_step_equals_one_rank_step_on_the_union(two_ranks, one_rank, pa
     for name, p in ref["params"].items():
         torch.testing.assert_close(got["params"][name], p, rtol=0, atol=1e-6, msg=name)
     # rank 1 holds the same weights after the step (a replica that drifted, e.g. clipped by a local norm, fails)
-    other = two_ranks[1][f"{parallel}-{variant}"]["params"]
+    other = other["params"]
     assert other.keys() == got["params"].keys()
     for name, p in got["params"].items():
         assert torch.equal(other[name], p), name
@@ -132,6 +172,79 @@ def test_two_rank_step_equals_one_rank_step_on_the_union(two_ranks, one_rank, pa
         assert got["layout"]["student_head_rows"] == vocab_s // 2
         assert got["layout"]["teacher_embed_rows"] == vocab_t // 2
         assert got["layout"]["teacher_head_rows"] == vocab_t
+
+
+@pytest.mark.parametrize("variant", ["frozen", "ema"])
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_rank_step_with_tied_embeddings(two_ranks, one_rank_tied, parallel, variant):
+    """lm_head is embed_tokens: under fsdp one shard serves both (in the root's FSDP group), the frozen
+    teacher and self keep a whole head of their own, the EMA self's head follows the student's."""
+    ref, name = one_rank_tied[variant], f"tied-{parallel}-{variant}"
+    head, embed = "lm_head.weight", "model.embed_tokens.weight"
+    assert {head, embed} <= ref["grads"].keys()  # the one gradient (embedding + head) under both names
+    _assert_same_step(ref, two_ranks[0][name], two_ranks[1][name], parallel, variant)
+    trained = ref["trainer"].student
+    assert trained.get_output_embeddings().weight is trained.get_input_embeddings().weight
+    for part in (r[name] for r in two_ranks):  # tied stays tied, on both ranks
+        assert part["tied"] == {"same_tensor": True, "equal": True, "config": True}
+        assert torch.equal(part["params"][head], part["params"][embed])
+        if variant == "ema":  # (under fsdp the EMA's whole head is a copy of its sharded embedding: still equal)
+            assert torch.equal(part["ema"][head], part["ema"][embed])
+        assert torch.equal(part["greedy"], ref["greedy"])  # rollouts through the tied head, after the step
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_tied_checkpoint_reloads_tied_with_the_one_rank_logits(two_ranks, one_rank_tied, parallel):
+    """The 2-rank checkpoint after the step (under fsdp: gathered from the shared shard by rank 0) is a
+    transformers model with tied weights whose logits are the 1-process model's after the same step."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    for variant in ("frozen", "ema"):
+        part, ref = two_ranks[0][f"tied-{parallel}-{variant}"], one_rank_tied[variant]
+        model = AutoModelForCausalLM.from_pretrained(part["checkpoint"])
+        assert model.config.tie_word_embeddings
+        assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+        saved = dict(model.named_parameters(remove_duplicate=False))
+        assert saved.keys() == part["params"].keys()
+        with safe_open(os.path.join(part["checkpoint"], "model.safetensors"), "pt") as fh:
+            assert set(fh.keys()) == set(saved) - {"lm_head.weight"}  # the head once, as save_pretrained writes it
+        for name, p in saved.items():  # exactly what the ranks trained
+            assert torch.equal(p.detach(), part["params"][name]), name
+        trained = ref["trainer"].student
+        ids = torch.randint(3, trained.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            got, want = model(input_ids=ids).logits, trained(input_ids=ids).logits
+            before = AutoModelForCausalLM.from_pretrained(ref["trainer"].config.student)(input_ids=ids).logits
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        assert float((want - before).abs().max()) > 1e-4  # the step changed the logits
+
+
+def test_tied_fsdp_checkpoint_resumes_on_one_process(tiny, tied, two_ranks):
+    """``--resume`` of the 2-rank fsdp checkpoint (EMA self) on one process: student and EMA self tied again,
+    the tied parameter's AdamW state and the EMA's untied shards resharded exactly; then a step and a save."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    root, _ = tiny
+    part, single = two_ranks[0]["tied-fsdp-ema"], root / "tied-resharded"
+    shutil.copytree(part["checkpoint"], single / "checkpoint-1")
+    trainer = Trainer(replace(tied[1], max_steps=2, eval_data=None, prompts_per_step=2, num_generations=2,
+                              self_model="ema", output_dir=str(single), resume=True), log=lambda s: None)
+    trainer.setup()
+    assert trainer.step == 1
+    student, ema = trainer.student, trainer.self_ema.model
+    for model in (student, ema):
+        assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    dcp_to_torch_save(single / "checkpoint-1" / "optimizer", single / "whole.pt")
+    whole = torch.load(single / "whole.pt", weights_only=False)
+    for name, p in student.named_parameters():
+        state, saved = trainer.optimizer.state[p], whole["optimizer"]["state"][name]
+        assert float(state["step"]) == 1
+        assert torch.equal(state["exp_avg"], saved["exp_avg"]) and torch.equal(state["exp_avg_sq"], saved["exp_avg_sq"])
+    for name, p in ema.named_parameters(remove_duplicate=False):  # what the ranks' EMA held after the step
+        assert torch.equal(p, part["ema"][name]), name
+    trainer.train()
+    assert trainer.step == 2 and student.get_output_embeddings().weight is student.get_input_embeddings().weight
 
 
 def test_global_routes_equal_one_rank_routes_on_the_union(two_ranks, one_rank):
