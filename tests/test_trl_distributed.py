@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import signal
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,31 +14,15 @@ pytest.importorskip("datasets")
 from dopd_kernels import ROUTES, RouteConfig  # noqa: E402
 from dopd_kernels.routing import route_tokens  # noqa: E402
 
+from _dist_common import torchrun  # noqa: E402
+
 HERE = pathlib.Path(__file__).resolve().parent
 TIMEOUT_S = 300  # a hang (a collective one rank never joins) fails the test instead of stalling the suite
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(out_dir: pathlib.Path) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(HERE / "trl_dist_worker.py"), str(out_dir)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
-        [str(HERE.parent)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    # A session of its own, so that on a timeout the whole group (torchrun and both ranks) is killed.
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"2-process run did not finish in {TIMEOUT_S} s:\n{output[-4000:]}")
-    assert proc.returncode == 0, output[-6000:]
+    rc, output, _ = torchrun([str(HERE / "trl_dist_worker.py"), str(out_dir)], TIMEOUT_S, cwd=str(out_dir), env={})
+    assert rc == 0, output[-6000:]
 
 
 @pytest.mark.slow
