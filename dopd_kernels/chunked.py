@@ -25,8 +25,7 @@ from .chunked_losses import GradBuffers, Projection, student_full_rows, topk_row
 from .chunked_stats import linear_stats
 from .config import RouteConfig
 from .transform import IDENTITY, LogitTransform
-from .output import RoutedLossOutput, output_from_kept_rows
-from .reduction import reduction_weights
+from .output import RoutedLossOutput, keep_valid_rows, output_from_kept_rows
 from .routing import route_tokens
 from .topk import ties_may_cross_cut
 
@@ -65,20 +64,11 @@ def chunked_routed_loss(
     inv_tau = 1.0 / config.temperature
     k = config.effective_top_k(vocab)
 
-    flat_valid = valid.reshape(-1).to(torch.bool)
-    rows = flat_valid.nonzero().squeeze(1)  # compress to valid tokens (one host sync on CUDA)
-    every_row = rows.numel() == flat_valid.numel()
-
-    def compress(x: Tensor) -> Tensor:
-        """The valid rows of x (no copy when every row is valid)."""
-        return x if every_row else x.index_select(0, rows)
-
-    h_s = compress(student_hidden.reshape(-1, hs).detach())
-    h_p = compress(self_hidden.reshape(-1, hs).detach())
-    h_t = compress(teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach())
-    y = compress(target_ids.reshape(-1))
-    hard = None if hard_labels is None else compress(hard_labels.reshape(-1))
-    red_w = compress(reduction_weights(valid.reshape(shape), config.reduction, cdtype).reshape(-1))
+    kept = keep_valid_rows(valid, student_hidden=student_hidden, self_hidden=self_hidden,
+                           teacher_hidden=teacher_hidden, target_ids=target_ids, hard_labels=hard_labels,
+                           config=config, dtype=cdtype)
+    rows, h_s, h_p, h_t = kept.rows, kept.student_hidden, kept.self_hidden, kept.teacher_hidden
+    y, hard, red_w = kept.targets, kept.hard_labels, kept.red_w
 
     def projection(weight: Tensor, bias: Optional[Tensor], transform: LogitTransform) -> Projection:
         # The weight stays as stored: a bf16 head is converted per vocabulary block inside the GEMMs

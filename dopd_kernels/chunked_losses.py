@@ -186,6 +186,22 @@ def fold_topk_grad(dz: Tensor, h: Tensor, w_rows: Tensor, idx: Tensor, weight_gr
     return torch.bmm(dz[:, None, :], w_rows).squeeze(1)
 
 
+def topk_divergences(logp: Tensor, logp_src: Tensor, route_rows: Tensor, rids: list[int], config: RouteConfig,
+                     want_grad: bool) -> tuple[Tensor, Optional[Tensor]]:
+    """Per-row weighted divergences (C,) between the student's and the source's log-probs over the K ids
+    (both (C, K)), each row by its route's divergence (route ids ``rids``), and their gradient with respect
+    to the student's K logits (C, K) (None unless ``want_grad``)."""
+    loss = torch.zeros(logp.shape[0], dtype=logp.dtype, device=logp.device)
+    dz = torch.zeros_like(logp) if want_grad else None
+    for rid, pos in _groups(route_rows, rids):
+        spec, weight = config.routes[rid], config.route_weight(rid)
+        value, g = divergence_and_grad(_take(logp, pos), _take(logp_src, pos), spec.divergence, config.jsd_beta)
+        loss.index_add_(0, pos, weight * value)
+        if dz is not None:
+            dz.index_add_(0, pos, g.mul_(weight))
+    return loss, dz
+
+
 def topk_rows(
     rows: Tensor,
     source: str,
@@ -219,14 +235,7 @@ def topk_rows(
         idx = stats.topk_idx.index_select(0, chunk)
         logp, w_rows, z = gathered_logprobs(h, idx, student, inv_tau)
         logp_src = stats.topk_vals.index_select(0, chunk).log_softmax(-1)
-        loss = torch.zeros(chunk.numel(), dtype=logp.dtype, device=logp.device)
-        dz = torch.zeros_like(logp) if grads.any else None
-        for rid, pos in _groups(route.index_select(0, chunk), rids):
-            spec, weight = config.routes[rid], config.route_weight(rid)
-            value, g = divergence_and_grad(_take(logp, pos), _take(logp_src, pos), spec.divergence, config.jsd_beta)
-            loss.index_add_(0, pos, weight * value)
-            if dz is not None:
-                dz.index_add_(0, pos, g.mul_(weight))
+        loss, dz = topk_divergences(logp, logp_src, route.index_select(0, chunk), rids, config, grads.any)
         per_token.index_add_(0, chunk, loss)
         if dz is None:
             continue

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from .config import ROUTES
+from .config import ROUTES, RouteConfig
 from .devices import autocast_off
+from .reduction import reduction_weights
 
 Tensor = torch.Tensor
 
@@ -101,6 +103,46 @@ class RoutedLossOutput:
         device = values[0].device
         host = torch.stack([v.to(device) for v in values]).cpu().tolist()
         return dict(zip(names, host))
+
+
+@dataclass
+class KeptRows:
+    """The valid tokens of a call, flattened and compressed (what the fused paths compute on).
+
+    rows (n,) their flat indices; the hidden states (n, H) detached; targets, hard_labels (n,);
+    red_w (n,) the reduction weights in the compute dtype. ``output_from_kept_rows`` scatters back.
+    """
+
+    rows: Tensor
+    student_hidden: Tensor
+    self_hidden: Tensor
+    teacher_hidden: Tensor
+    targets: Tensor
+    hard_labels: Optional[Tensor]
+    red_w: Tensor
+
+
+def keep_valid_rows(valid: Tensor, *, student_hidden: Tensor, self_hidden: Tensor, teacher_hidden: Tensor,
+                    target_ids: Tensor, hard_labels: Optional[Tensor], config: RouteConfig,
+                    dtype: torch.dtype) -> KeptRows:
+    """The valid rows of every per-token input (no copy when every token is valid; one host sync on CUDA)."""
+    flat_valid = valid.reshape(-1).to(torch.bool)
+    rows = flat_valid.nonzero().squeeze(1)
+    every_row = rows.numel() == flat_valid.numel()
+
+    def compress(x: Tensor) -> Tensor:
+        return x if every_row else x.index_select(0, rows)
+
+    hs = student_hidden.shape[-1]
+    return KeptRows(
+        rows=rows,
+        student_hidden=compress(student_hidden.reshape(-1, hs).detach()),
+        self_hidden=compress(self_hidden.reshape(-1, hs).detach()),
+        teacher_hidden=compress(teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach()),
+        targets=compress(target_ids.reshape(-1)),
+        hard_labels=None if hard_labels is None else compress(hard_labels.reshape(-1)),
+        red_w=compress(reduction_weights(valid.reshape(target_ids.shape), config.reduction, dtype).reshape(-1)),
+    )
 
 
 def output_from_kept_rows(

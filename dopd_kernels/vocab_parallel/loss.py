@@ -20,8 +20,7 @@ from ..chunked import STATS_CHUNK_FACTOR
 from ..chunked_losses import GradBuffers
 from ..config import RouteConfig
 from ..devices import device_guard
-from ..output import RoutedLossOutput, output_from_kept_rows
-from ..reduction import reduction_weights
+from ..output import RoutedLossOutput, keep_valid_rows, output_from_kept_rows
 from ..routing import route_tokens
 from ..transform import IDENTITY, LogitTransform
 from .comm import all_reduce_sum_
@@ -79,19 +78,11 @@ def vocab_parallel_routed_loss(
     cdtype = ops.dtype
     k = config.effective_top_k(layout.vocab)
 
-    flat_valid = valid.reshape(-1).to(torch.bool)
-    rows = flat_valid.nonzero().squeeze(1)  # compress to valid tokens (one host sync on CUDA)
-    every_row = rows.numel() == flat_valid.numel()
-
-    def compress(x: Tensor) -> Tensor:
-        return x if every_row else x.index_select(0, rows)
-
-    h_s = compress(student_hidden.reshape(-1, hs).detach())
-    h_p = compress(self_hidden.reshape(-1, hs).detach())
-    h_t = compress(teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach())
-    y = compress(target_ids.reshape(-1))
-    hard = None if hard_labels is None else compress(hard_labels.reshape(-1))
-    red_w = compress(reduction_weights(valid.reshape(shape), config.reduction, cdtype).reshape(-1))
+    kept = keep_valid_rows(valid, student_hidden=student_hidden, self_hidden=self_hidden,
+                           teacher_hidden=teacher_hidden, target_ids=target_ids, hard_labels=hard_labels,
+                           config=config, dtype=cdtype)
+    rows, h_s, h_p, h_t = kept.rows, kept.student_hidden, kept.self_hidden, kept.teacher_hidden
+    y, hard, red_w = kept.targets, kept.hard_labels, kept.red_w
 
     student = ops.projection(student_weight, student_bias, student_transform)
     self_proj = (replace(student, transform=self_transform) if self_weight is None

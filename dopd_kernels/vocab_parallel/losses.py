@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from ..chunked_losses import GradBuffers, Projection, _groups, _take
+from ..chunked_losses import GradBuffers, Projection, _groups, _take, topk_divergences
 from ..config import RouteConfig
 from ..divergences import divergence_and_grad
 from .comm import all_reduce_sum_, combine_stats, merge_topk, pick_owned, shard_sum
@@ -124,14 +124,7 @@ def topk_rows(rows: Tensor, *, ops, layout: ShardLayout, route: Tensor, student_
         z = student.transform.apply_(z, inv_tau, z.clone() if softcap_marks else None)
         logp = z.log_softmax(-1)
         logp_src = src_vals.to(ops.dtype).log_softmax(-1)
-        loss = torch.zeros(chunk.numel(), dtype=logp.dtype, device=logp.device)
-        dz = torch.zeros_like(logp) if grads.any else None
-        for rid, pos in _groups(route_c, rids):
-            spec, weight = config.routes[rid], config.route_weight(rid)
-            value, g = divergence_and_grad(_take(logp, pos), _take(logp_src, pos), spec.divergence, config.jsd_beta)
-            loss.index_add_(0, pos, weight * value)
-            if dz is not None:
-                dz.index_add_(0, pos, g.mul_(weight))
+        loss, dz = topk_divergences(logp, logp_src, route_c, rids, config, grads.any)
         per_token.index_add_(0, chunk, loss)
         if dz is None:
             continue
